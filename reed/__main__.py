@@ -1,0 +1,3 @@
+from reed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""The ``python -m reed`` command line: train, ladder, chain, models, ops."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def _train(args: argparse.Namespace) -> int:
+    from reed.config import TrainConfig
+    from reed.train import train
+
+    overrides = {}
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    if args.steps:
+        overrides["steps"] = args.steps
+    config = TrainConfig.from_yaml(args.config, overrides)
+    train(config, resume=not args.no_resume, max_steps=args.max_steps)
+    return 0
+
+
+def _prepare_sources(inputs: list[str], size: int | None) -> list[tuple[str, "np.ndarray", list[str]]]:
+    """Load every image named directly or found in a named folder, at the working size."""
+    from reed.data import folder_images
+    from reed.images import MAX_WORKING_SIDE, load_image, resize_to_working_size
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        paths.extend(folder_images(path) if path.is_dir() else [path])
+    sources = []
+    for path in paths:
+        loaded = load_image(path, max_side=MAX_WORKING_SIDE)
+        sources.append((path.stem, resize_to_working_size(loaded.pixels, size), loaded.notes))
+    names = [name for name, _, _ in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Two input images share a file name stem ({names}); rename one so outputs do not collide.")
+    return sources
+
+
+def _run_and_report(sources, steps, model_names: list[str], out: Path, seed: int) -> list[dict]:
+    from reed import report
+    from reed.chain import run_chain
+    from reed.images import save_png
+    from reed.models import load_vae
+
+    vaes = {name: load_vae(name) for name in model_names}
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, pixels, notes in sources:
+        for note in notes:
+            print(f"{name}: {note}")
+        label = f"{name} ({pixels.shape[1]}x{pixels.shape[0]})"
+        with tqdm(total=len(steps) * len(vaes), desc=label, dynamic_ncols=True) as bar:
+            result = run_chain(pixels, steps, vaes, seed=seed, image_name=name,
+                               progress=lambda done, total, message: bar.update(done - bar.n))
+        for note in result.notes:
+            print(f"{name}: {note}")
+        rows.extend(result.rows)
+        report.save_images(result.images, out, name, [step.op for step in steps])
+        grid = report.image_grid(result.source, result.images)
+        save_png(grid, out / f"grid-{report.safe_name(name)}.png")
+    report.write_metrics(rows, out)
+    report.save_figure(report.plot_curves(rows), out / "curves.png")
+    _print_summary(rows, len(steps))
+    print(f"Wrote {out / 'metrics.json'}, metrics.csv, curves.png, grids and per-step images under {out}")
+    return rows
+
+
+def _print_summary(rows: list[dict], last: int) -> None:
+    """Print, per model, the mean over images of the step-1 and last-step figures."""
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    print(f"\n{'model':<28} {'PSNR src @1':>12} {'SSIM src @1':>12} {f'PSNR x1 @{last}':>13} {f'SSIM x1 @{last}':>13}")
+    for model in models:
+        first = [row for row in rows if row["model"] == model and row["step"] == 1]
+        final = [row for row in rows if row["model"] == model and row["step"] == last]
+
+        def mean(selected, key):
+            return sum(row[key] for row in selected) / len(selected)
+
+        print(f"{model:<28} {mean(first, 'psnr_src'):>12.2f} {mean(first, 'ssim_src'):>12.4f} "
+              f"{mean(final, 'psnr_x1'):>13.2f} {mean(final, 'ssim_x1'):>13.4f}")
+
+
+def _ladder(args: argparse.Namespace) -> int:
+    from reed.chain import parse_chain
+
+    if not 1 <= args.cycles <= 500:
+        raise ValueError(f"--cycles must be between 1 and 500, got {args.cycles}.")
+    steps = parse_chain(f"roundtrip*{args.cycles}")
+    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out), args.seed)
+    return 0
+
+
+def _chain(args: argparse.Namespace) -> int:
+    from reed.chain import chain_to_text, load_chain
+
+    spec = Path(args.chain).read_text(encoding="utf-8") if args.chain.endswith((".json", ".txt")) else args.chain
+    steps = load_chain(spec)
+    print(f"Chain ({len(steps)} steps): {chain_to_text(steps)}")
+    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out), args.seed)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from reed.models import BUILTIN_MODELS
+
+    for name, folder in BUILTIN_MODELS.items():
+        state = "ready" if (folder / "diffusion_pytorch_model.safetensors").is_file() else "weights missing"
+        print(f"{name:<22} {state:<16} {folder}")
+    print("Any diffusers AutoencoderKL also works: a local folder, or a hub id such as stabilityai/sd-vae-ft-mse.")
+    return 0
+
+
+def _ops(args: argparse.Namespace) -> int:
+    from reed.edits import OPERATIONS
+
+    for operation in OPERATIONS.values():
+        print(operation.describe())
+    return 0
+
+
+def _split_models(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError("--models needs at least one model, for example reed-mini:standard,reed-mini:reed.")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m reed", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a VAE or REED-fine-tune a decoder from a YAML config")
+    train.add_argument("config", help="YAML file with the fields of reed.config.TrainConfig")
+    train.add_argument("--output-dir", help="override output_dir from the config")
+    train.add_argument("--steps", type=int, help="override steps (the length of the schedule)")
+    train.add_argument("--max-steps", type=int, help="stop after this many steps in total; resume later")
+    train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
+    train.set_defaults(handler=_train)
+
+    default_models = "reed-mini:standard,reed-mini:reed,reed-mini:control"
+    size_help = ("resize the shorter side to this many pixels and centre-crop to a multiple of 8; without it "
+                 "an image keeps its size (padded for the VAE and cropped back), its longer side capped at "
+                 "MAX_WORKING_SIDE")
+    ladder = commands.add_parser("ladder", help="repeated encode/decode round trips (the pure ladder)")
+    ladder.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    ladder.add_argument("--models", default=default_models, help="comma-separated model references")
+    ladder.add_argument("--cycles", type=int, default=25, help="number of round trips")
+    ladder.add_argument("--size", type=int, help=size_help)
+    ladder.add_argument("--seed", type=int, default=0)
+    ladder.add_argument("--out", default="out/ladder", help="output folder")
+    ladder.set_defaults(handler=_ladder)
+
+    chain = commands.add_parser("chain", help="run an edit chain on images with several models")
+    chain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
+    chain.add_argument("--chain", required=True,
+                       help='the chain in text form ("roundtrip*10 | rotate degrees=5"), as JSON, '
+                            "or a .txt or .json file holding either")
+    chain.add_argument("--models", default=default_models, help="comma-separated model references")
+    chain.add_argument("--size", type=int, help=size_help)
+    chain.add_argument("--seed", type=int, default=0, help="seed for random edits, the same for every model")
+    chain.add_argument("--out", default="out/chain", help="output folder")
+    chain.set_defaults(handler=_chain)
+
+    commands.add_parser("models", help="list the built-in models").set_defaults(handler=_models)
+    commands.add_parser("ops", help="list the edit operations and their parameters").set_defaults(handler=_ops)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
