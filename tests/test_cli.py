@@ -1,0 +1,70 @@
+"""The python -m reed command line, run on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from reed.cli import main
+
+
+def write_photo(path, photo):
+    Image.fromarray(photo).save(path)
+    return str(path)
+
+
+def test_ladder_writes_every_output(tmp_path, photo, tiny_vae_dir, other_tiny_vae_dir):
+    image = write_photo(tmp_path / "cat.png", photo)
+    out = tmp_path / "out"
+    code = main(["ladder", image, "--models", f"{tiny_vae_dir},{other_tiny_vae_dir}", "--cycles", "3",
+                 "--size", "32", "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == 6
+    assert {"image", "model", "step", "op", "mse_src", "psnr_src", "ssim_src", "mse_x1", "psnr_x1", "ssim_x1",
+            "lpips_src", "lpips_x1"} <= set(rows[0])
+    assert [row["step"] for row in rows if row["model"] == tiny_vae_dir] == [1, 2, 3]
+    assert (out / "metrics.csv").read_text().count("\n") == 7
+    assert (out / "curves.png").is_file()
+    assert (out / "grid-cat.png").is_file()
+    step_images = sorted((out / "images" / "cat").rglob("*.png"))
+    assert len(step_images) == 6
+    assert Image.open(step_images[0]).size == (40, 32)  # shorter side 32, width cropped to a multiple of 8
+
+
+def test_chain_keeps_odd_size(tmp_path, photo, tiny_vae_dir):
+    odd = np.ascontiguousarray(photo[:37, :51])
+    image = write_photo(tmp_path / "odd.png", odd)
+    out = tmp_path / "out"
+    code = main(["chain", image, "--chain", "roundtrip | rotate degrees=3 | jpeg quality=80", "--models",
+                 tiny_vae_dir, "--out", str(out)])
+    assert code == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [row["op"] for row in rows] == ["roundtrip", "rotate", "jpeg"]
+    final = sorted((out / "images" / "odd").rglob("step-003-*.png"))[0]
+    assert Image.open(final).size == (51, 37)
+
+
+def test_bad_chain_reports_error(tmp_path, photo, tiny_vae_dir, capsys):
+    image = write_photo(tmp_path / "a.png", photo)
+    code = main(["chain", image, "--chain", "roundtrip | sepia", "--models", tiny_vae_dir, "--out", str(tmp_path)])
+    assert code == 2
+    assert "Unknown operation 'sepia'" in capsys.readouterr().err
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_corrupt_image_reports_error(tmp_path, tiny_vae_dir, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    code = main(["ladder", str(broken), "--models", tiny_vae_dir, "--cycles", "2", "--out", str(tmp_path / "o")])
+    assert code == 2
+    assert "Could not read" in capsys.readouterr().err
+
+
+def test_ops_lists_operations(capsys):
+    assert main(["ops"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("roundtrip", "rotate", "jpeg", "crop", "text"):
+        assert f"{name}:" in listing

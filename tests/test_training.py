@@ -1,0 +1,224 @@
+"""The REED loss, the training loop, checkpoints and resume, on tiny models and images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from reed import losses, train as train_module
+from reed.config import LossConfig, TrainConfig
+from reed.losses import ReedLoss, quantize_8bit
+from reed.models import load_vae
+from tests.conftest import make_tiny_vae
+
+TINY_MODEL = {"block_out_channels": [8, 16], "norm_num_groups": 8, "latent_channels": 4}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        gradient = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
+        pixels = np.clip(gradient + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{index}.png")
+    return str(folder)
+
+
+def tiny_config(tmp_path, image_folder, **overrides) -> TrainConfig:
+    values = dict(output_dir=str(tmp_path / "run"), steps=6, model=TINY_MODEL, data=image_folder,
+                  crop_size=16, batch_size=2, learning_rate=1e-3, warmup_steps=2, log_every=1,
+                  checkpoint_every=3, eval_every=3, eval_cycles=2, eval_size=16, seed=0,
+                  loss={"cycles": 3, "warmup_cycles": 2, "warmup_probability": 0.5})
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
+
+
+def gradients(vae, loss_config: LossConfig, cycles: int, decoder_only: bool = True) -> dict[str, torch.Tensor | None]:
+    vae.zero_grad(set_to_none=True)
+    vae.requires_grad_(True)
+    if decoder_only:
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss, _ = ReedLoss(loss_config)(vae, images, cycles, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    return {name: p.grad for name, p in vae.named_parameters()}
+
+
+def test_quantize_rounds_and_passes_gradient():
+    values = torch.tensor([-1.5, -0.5001, 0.0, 0.9999, 2.0], requires_grad=True)
+    rounded = quantize_8bit(values)
+    levels = (rounded.detach() + 1) * 127.5
+    torch.testing.assert_close(levels, levels.round())
+    assert rounded.detach().min() == -1.0
+    assert rounded.detach().max() == 1.0
+    rounded.sum().backward()
+    torch.testing.assert_close(values.grad, torch.ones(5))
+
+
+@pytest.mark.parametrize("term", ["l1", "l2"])
+def test_reconstruction_terms_reach_decoder_only(term):
+    weights = {"l1": 0.0, "l2": 0.0, "kl": 0.0, term: 1.0}
+    grads = gradients(make_tiny_vae(), LossConfig(**weights), cycles=2)
+    decoder = [g for name, g in grads.items() if name.startswith(("decoder.", "post_quant_conv."))]
+    encoder = [g for name, g in grads.items() if name.startswith(("encoder.", "quant_conv."))]
+    assert all(g is not None and g.abs().sum() > 0 for g in decoder)
+    assert all(g is None for g in encoder)
+
+
+def test_kl_term_reaches_encoder():
+    config = LossConfig(l1=1e-12, l2=0.0, kl=1.0)
+    grads = gradients(make_tiny_vae(), config, cycles=1, decoder_only=False)
+    assert grads["encoder.conv_in.weight"].abs().sum() > 0
+    assert grads["quant_conv.weight"].abs().sum() > 0
+
+
+def test_gradient_flows_through_frozen_encoder(monkeypatch):
+    """A second cycle's error must reach the first cycle's decoding through the frozen encoder."""
+    config = LossConfig(l1=1.0, l2=1.0, kl=0.0)
+    chained = gradients(make_tiny_vae(), config, cycles=2)
+    monkeypatch.setattr(losses, "quantize_8bit", lambda images: quantize_8bit(images).detach())
+    cut = gradients(make_tiny_vae(), config, cycles=2)
+    name = "decoder.conv_out.weight"
+    assert not torch.allclose(chained[name], cut[name])
+
+
+def test_loss_logs_every_term():
+    images = torch.zeros(1, 3, 16, 16)
+    loss, logs = ReedLoss(LossConfig(cycles=3))(make_tiny_vae(), images, 3, num_warmup=2)
+    assert set(logs) >= {"loss", "l1", "l2", "lpips", "kl", "l2_last_cycle", "cycles", "warmup"}
+    assert logs["cycles"] == 3.0
+    assert logs["warmup"] == 2.0
+    assert logs["loss"] == pytest.approx(loss.item())
+
+
+def test_lpips_weight_without_model_rejected():
+    with pytest.raises(ValueError, match="loss.lpips > 0 needs an LPIPS model"):
+        ReedLoss(LossConfig(lpips=0.5), lpips_model=None)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"crop_size": 20}, "multiples of 8"),
+    ({"loss": {"cycles": 0}}, "cycles must be a positive integer"),
+    ({"loss": {"cycle_schedule": "random"}}, "cycle_schedule must be one of"),
+    ({"loss": {"l1": 0, "l2": 0}}, "At least one reconstruction weight"),
+    ({"model": {"block_out_channels": [12, 16], "norm_num_groups": 8}}, "divisible by"),
+    ({"train_encoder": False}, "needs a base model"),
+    ({"learning_rat": 1.0}, "Unknown config keys"),
+])
+def test_invalid_config_rejected(tmp_path, image_folder, changes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, image_folder, **changes)
+
+
+def test_config_yaml_round_trip(tmp_path, image_folder):
+    config = tiny_config(tmp_path, image_folder)
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert TrainConfig.from_yaml(path).to_dict() == config.to_dict()
+
+
+def test_cycle_schedules(tmp_path, image_folder):
+    rng = np.random.default_rng(0)
+    fixed = tiny_config(tmp_path, image_folder, loss={"cycles": 4, "cycle_schedule": "fixed"})
+    assert {train_module.cycle_counts(fixed, step, rng)[0] for step in range(20)} == {4}
+    grow = tiny_config(tmp_path, image_folder, steps=100, loss={"cycles": 4, "cycle_schedule": "grow"})
+    assert {train_module.cycle_counts(grow, 0, rng)[0] for _ in range(20)} == {1}
+    assert max(train_module.cycle_counts(grow, 99, rng)[0] for _ in range(50)) == 4
+
+
+def test_training_writes_model_and_logs(tmp_path, image_folder):
+    config = tiny_config(tmp_path, image_folder)
+    final = train_module.train(config)
+    vae = load_vae(str(final), cached=False)
+    assert vae.config.scaling_factor != 0.18215  # calibrated for a new model
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert any("eval/psnr_src_step1" in r for r in records)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, image_folder):
+    whole = tiny_config(tmp_path / "whole", image_folder)
+    train_module.train(whole)
+    parts = tiny_config(tmp_path / "parts", image_folder)
+    stopped = train_module.train(parts, max_steps=3)
+    assert stopped.name == "step-00000003"
+    train_module.train(parts)
+
+    def losses_of(config):
+        lines = (tmp_path / config / "run" / "log.jsonl").read_text().splitlines()
+        return [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+
+    assert losses_of("parts") == pytest.approx(losses_of("whole"), rel=1e-5)
+    whole_weights = load_file(tmp_path / "whole" / "run" / "model" / "diffusion_pytorch_model.safetensors")
+    parts_weights = load_file(tmp_path / "parts" / "run" / "model" / "diffusion_pytorch_model.safetensors")
+    for name, tensor in whole_weights.items():
+        torch.testing.assert_close(parts_weights[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_only_keeps_encoder(tmp_path, image_folder):
+    base = tiny_config(tmp_path / "base", image_folder, steps=2)
+    base_model = train_module.train(base)
+    reed = tiny_config(tmp_path / "reed", image_folder, steps=3, base=str(base_model), train_encoder=False)
+    reed_model = train_module.train(reed)
+    before = load_file(base_model / "diffusion_pytorch_model.safetensors")
+    after = load_file(reed_model / "diffusion_pytorch_model.safetensors")
+    for name in before:
+        if name.startswith(("encoder.", "quant_conv.")):
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0)
+    assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
+    reed_vae = load_vae(str(reed_model), cached=False)
+    assert reed_vae.config.scaling_factor == load_vae(str(base_model), cached=False).config.scaling_factor
+
+
+def test_nan_loss_stops_with_step_and_term(tmp_path, image_folder, monkeypatch):
+    config = tiny_config(tmp_path, image_folder, checkpoint_every=1)
+    original = ReedLoss.forward
+    calls = {"count": 0}
+
+    def poisoned(self, vae, images, *args, **kwargs):
+        loss, logs = original(self, vae, images, *args, **kwargs)
+        calls["count"] += 1
+        if calls["count"] == 3:
+            logs["l2"] = float("nan")
+            return loss * float("nan"), logs
+        return loss, logs
+
+    monkeypatch.setattr(ReedLoss, "forward", poisoned)
+    with pytest.raises(train_module.TrainingError, match=r"step 3 \(terms: l2\)"):
+        train_module.train(config)
+    latest = train_module.latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert latest.name == "step-00000002"
+    assert load_file(latest / "model.safetensors")
+
+
+def test_interrupted_checkpoint_keeps_previous(tmp_path, image_folder, monkeypatch):
+    config = tiny_config(tmp_path, image_folder, steps=6)
+    train_module.train(config, max_steps=3)
+    real_save = train_module.save_file
+
+    def crash_on_optimizer(tensors, path, *args, **kwargs):
+        if str(path).endswith("optimizer.safetensors"):
+            raise KeyboardInterrupt("killed mid-write")
+        return real_save(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_file", crash_on_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.train(config)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert train_module.latest_checkpoint(checkpoints).name == "step-00000003"
+    assert (checkpoints / "step-00000006.tmp").is_dir()
+
+    monkeypatch.setattr(train_module, "save_file", real_save)
+    final = train_module.train(config)
+    assert (final / "diffusion_pytorch_model.safetensors").is_file()
