@@ -9,6 +9,10 @@ Images are uint8 arrays of shape (H, W, 3), as everywhere in ``reed``.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +24,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from reed import chain, metrics, models, report
+from reed import chain, data, metrics, models, report
 from reed.chain import Step
 from reed.edits import OPERATIONS, get_operation
 from reed.images import MAX_SIDE, ImageLoadError, load_image, resize_to_working_size, save_png
@@ -52,6 +56,12 @@ DEFAULT_CHAIN = PRESETS["25 round trips"]
 
 ProgressTracker = Callable[..., Any]
 
+logger = logging.getLogger(__name__)
+
+# Copies of the example photos. Gradio serves files from the temp directory without extra allowed_paths,
+# but not from the installed packages that hold the originals.
+EXAMPLES_FOLDER = Path(tempfile.gettempdir()) / "reed-demo-examples"
+
 
 # Photo
 
@@ -63,6 +73,37 @@ class PreparedImage:
     pixels: np.ndarray
     name: str
     notes: list[str] = field(default_factory=list)
+
+
+def example_photos() -> dict[str, Path]:
+    """Copy the held-out photos (never used for training) into ``EXAMPLES_FOLDER`` and return them by name.
+
+    A photo whose package is not installed is left out with a warning, so the app still starts.
+    """
+    EXAMPLES_FOLDER.mkdir(parents=True, exist_ok=True)
+    photos = {}
+    for photo in data.HELD_OUT:
+        try:
+            original = data.bundled_path(photo)
+        except FileNotFoundError as error:
+            logger.warning("example photo %s left out: %s", photo.name, error)
+            continue
+        target = EXAMPLES_FOLDER / f"{photo.name}{original.suffix}"
+        if not target.is_file() or target.stat().st_size != original.stat().st_size:
+            # Copy under a temporary name first, so another process never reads a half-written file.
+            partial = target.with_name(f".{target.name}.{os.getpid()}")
+            shutil.copyfile(original, partial)
+            os.replace(partial, target)
+        photos[photo.name] = target
+    return photos
+
+
+def example_photo(index: int) -> str:
+    """Return the path of the example photo at ``index`` in the order of ``example_photos``."""
+    photos = list(example_photos().values())
+    if not 0 <= index < len(photos):
+        raise gr.Error(f"There is no example photo number {index + 1}.", title="Unknown example")
+    return str(photos[index])
 
 
 def parse_working_size(choice: str | int | None) -> int | None:

@@ -49,8 +49,8 @@ The built-in **reed-mini** models are small VAEs trained on a few sample photos 
 CPU; type a Hugging Face id or a local folder to compare other VAEs.
 """
 
-CHAIN_SYNTAX = ("Steps are separated by | or new lines. A step is NAME or NAME key=value ...; NAME*N repeats "
-                "it N times. Example: roundtrip*5 | rotate degrees=3 | jpeg quality=85 | roundtrip*5")
+CHAIN_SYNTAX = ("Steps are separated by `|` or new lines. A step is `NAME` or `NAME key=value ...`, and "
+                "`NAME*N` repeats it N times. Example: `roundtrip*5 | rotate degrees=3 | jpeg quality=85`")
 MODEL_INFO = ("A built-in model, a Hugging Face id (for example stabilityai/sd-vae-ft-mse) or a local "
               "folder in the diffusers layout.")
 RESULTS_HELP = """
@@ -117,13 +117,20 @@ def _run(photo_path: str | None, chain_text: str, model_a: str, model_b: str, wo
     return [
         record,
         notes,
-        gr.Slider(minimum=1, maximum=record.step_count, value=record.step_count, interactive=True),
+        _step_slider(record.step_count),
         *_step_outputs(record, result.view),
         result.figure,
         result.grid,
         table,
         [str(path) for path in result.files],
     ]
+
+
+def _step_slider(step_count: int) -> gr.Slider:
+    if step_count == 1:
+        # A Gradio slider needs maximum > minimum, so a one-step chain gets a fixed slider.
+        return gr.Slider(minimum=1, maximum=2, value=1, interactive=False)
+    return gr.Slider(minimum=1, maximum=step_count, value=step_count, interactive=True)
 
 
 def _show_step(record: handlers.RunRecord | None, step: float, gain: float) -> list[Any]:
@@ -140,7 +147,9 @@ def build_demo() -> gr.Blocks:
     operation_names = handlers.operation_names()
     examples = handlers.example_photos()
 
-    with gr.Blocks(title="REED-VAE: edit chains", delete_cache=GRADIO_CACHE_CLEANUP) as demo:
+    # Analytics are off because the app must work offline and sends nothing to other hosts.
+    with gr.Blocks(title="REED-VAE: edit chains", delete_cache=GRADIO_CACHE_CLEANUP,
+                   analytics_enabled=False) as demo:
         gr.Markdown(INTRO, elem_classes="intro")
         run_state = gr.State(None)
 
@@ -151,7 +160,7 @@ def build_demo() -> gr.Blocks:
                 example_gallery = gr.Gallery(
                     value=[(str(path), name) for name, path in examples.items()],
                     label="Or click an example photo (none was used for training)", columns=4, rows=1,
-                    height=150, allow_preview=False, object_fit="cover", format="png")
+                    height=170, allow_preview=False, object_fit="cover", format="png")
                 working_size = gr.Radio(
                     [("128 px", "128"), ("256 px", "256"), ("512 px", "512"),
                      (f"own size (up to {handlers.ORIGINAL_MAX_SIDE} px)", "original")],
@@ -193,7 +202,7 @@ def build_demo() -> gr.Blocks:
         run_notes = gr.Markdown("Results appear here after you press **Run the comparison**.")
         with gr.Row(equal_height=True):
             step_caption = gr.Markdown(elem_classes="step-caption")
-            step_slider = gr.Slider(minimum=1, maximum=1, value=1, step=1, label="Step", interactive=False,
+            step_slider = gr.Slider(minimum=1, maximum=2, value=1, step=1, label="Step", interactive=False,
                                     scale=3)
         with gr.Tabs():
             with gr.Tab("Side by side"):
@@ -252,7 +261,8 @@ def build_demo() -> gr.Blocks:
             _run, [photo_file, chain_box, model_a, model_b, working_size, seed_box],
             [run_state, run_notes, step_slider, *step_components, curves_plot, grid_image, metrics_table,
              result_files],
-            api_name="run", concurrency_limit=RUN_CONCURRENCY, concurrency_id="comparison")
+            api_name="run", concurrency_limit=RUN_CONCURRENCY, concurrency_id="comparison",
+            show_progress_on=[run_notes])
         step_slider.change(_show_step, [run_state, step_slider, gain_slider], step_components,
                            api_name="show_step", trigger_mode="always_last", **light)
         gain_slider.change(_show_step, [run_state, step_slider, gain_slider], step_components,

@@ -1,4 +1,4 @@
-"""The ``python -m reed`` command line: train, ladder, chain, models, ops."""
+"""The ``python -m reed`` command line: train, ladder, chain, photos, models, ops."""
 
 from __future__ import annotations
 
@@ -124,6 +124,18 @@ def _ops(args: argparse.Namespace) -> int:
     return 0
 
 
+def _photos(args: argparse.Namespace) -> int:
+    from reed.data import HELD_OUT, TRAIN_PHOTOS, bundled_path
+    from reed.images import load_image, save_png
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for photo in TRAIN_PHOTOS if args.train else HELD_OUT:
+        save_png(load_image(bundled_path(photo)).pixels, out / f"{photo.name}.png")
+        print(out / f"{photo.name}.png")
+    return 0
+
+
 def _split_models(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -132,7 +144,8 @@ def _split_models(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m reed", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m reed",
+                                     description="REED-VAE training, edit chains and round-trip metrics.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train a VAE or REED-fine-tune a decoder from a YAML config")
@@ -166,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--seed", type=int, default=0, help="seed for random edits, the same for every model")
     chain.add_argument("--out", default="out/chain", help="output folder")
     chain.set_defaults(handler=_chain)
+
+    photos = commands.add_parser("photos", help="write the bundled photos as PNG files (held-out ones by default)")
+    photos.add_argument("out", help="output folder")
+    photos.add_argument("--train", action="store_true", help="write the training photos instead")
+    photos.set_defaults(handler=_photos)
 
     commands.add_parser("models", help="list the built-in models").set_defaults(handler=_models)
     commands.add_parser("ops", help="list the edit operations and their parameters").set_defaults(handler=_ops)

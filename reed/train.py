@@ -39,7 +39,7 @@ class TrainingError(RuntimeError):
 def build_vae(config: TrainConfig) -> AutoencoderKL:
     """Create the model to train: a copy of ``config.base``, or a new one from ``config.model``."""
     if config.base is not None:
-        vae = load_vae(config.base, cached=False)
+        vae = load_vae(config.base, cached=False, channels_last=False)
     else:
         torch.manual_seed(config.seed)
         vae = AutoencoderKL(**config.model.diffusers_kwargs(), sample_size=config.crop_size)

@@ -114,3 +114,14 @@ def test_builtin_models_load():
     for name in models.BUILTIN_MODELS:
         vae = load_vae(name)
         assert models.latent_shape(vae) == (16, 8), name
+
+
+def test_channels_last_matches_default_layout(tiny_vae_dir, photo):
+    from reed.edits.vae_ops import vae_roundtrip
+
+    fast = load_vae(tiny_vae_dir, cached=False, channels_last=True)
+    plain = load_vae(tiny_vae_dir, cached=False, channels_last=False)
+    assert fast.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    difference = vae_roundtrip(fast, photo).astype(int) - vae_roundtrip(plain, photo)
+    assert abs(difference).max() <= 1  # float rounding may move a pixel by one 8-bit level

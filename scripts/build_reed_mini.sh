@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Train the three reed-mini variants, install them as built-in models, and measure them.
+# Each `python -m reed train` resumes from its last checkpoint, so rerunning after an interruption is safe.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+# 1. The base model, trained from scratch with the single-pass loss.
+$PYTHON -m reed train configs/reed-mini-standard.yaml
+
+# 2. Two decoder fine-tunes of that model for the same number of steps: REED loss and single-pass control.
+#    Each config asks for one thread, so the two run side by side on a two-core machine.
+$PYTHON -m reed train configs/reed-mini-reed.yaml > runs/reed-mini-reed.out 2>&1 &
+reed_pid=$!
+$PYTHON -m reed train configs/reed-mini-control.yaml > runs/reed-mini-control.out 2>&1 &
+control_pid=$!
+wait "$reed_pid"
+wait "$control_pid"
+
+# 3. Install the final diffusers folders as the built-in models.
+for variant in standard reed control; do
+    mkdir -p reed/assets/reed-mini/$variant
+    cp runs/reed-mini-$variant/model/config.json runs/reed-mini-$variant/model/diffusion_pytorch_model.safetensors \
+        reed/assets/reed-mini/$variant/
+done
+
+# 4. Measure on the held-out photos (the figures in reed/assets/reed-mini/README.md).
+$PYTHON -m reed photos runs/held-out
+$PYTHON -m reed ladder runs/held-out --models reed-mini:standard,reed-mini:reed,reed-mini:control \
+    --cycles 25 --size 256 --out runs/model-card-ladder
