@@ -33,13 +33,13 @@ from demo.runs import new_run_folder, zip_folder
 # Working sizes offered by the app: the shorter side in pixels, or None to keep the photo's own size.
 WORKING_SIZES: dict[str, int | None] = {"128": 128, "256": 256, "512": 512, "original": None}
 DEFAULT_WORKING_SIZE = "256"
-# Longer side of a photo run at its "original" size. Larger photos are resized down to it, because a
-# CPU takes minutes per step at full camera resolution.
+# Longer side of a photo run at its "original" size. Larger photos are resized down to it, which bounds
+# the time and memory of one step.
 ORIGINAL_MAX_SIDE = 1024
 # Smallest working size accepted from code (the UI offers only WORKING_SIZES): 4x4 latents at factor 8.
 MIN_WORKING_SIZE = 32
-# Longest chain one request may run. The library allows chain.MAX_STEPS, but the app shares its CPU
-# with every visitor in the queue.
+# Maximum number of steps in one request. The library allows chain.MAX_STEPS, but the app shares its
+# CPU with every visitor in the queue.
 MAX_APP_STEPS = 100
 # Largest seed accepted, so it fits the unsigned 32-bit seeds most tools use.
 MAX_SEED = 2**32 - 1
@@ -125,14 +125,14 @@ def parse_working_size(choice: str | int | None) -> int | None:
 
 
 def prepare_image(image_path: str | Path | None, working_size: str | int | None = DEFAULT_WORKING_SIZE) -> PreparedImage:
-    """Load a photo and resize it to the working size; the notes say what changed, for the visitor."""
+    """Load a photo and resize it to the working size, with a note for the visitor about each change."""
     if image_path is None or str(image_path).strip() == "":
         raise gr.Error("Upload a photo or click one of the example photos first.", title="No photo")
     size = parse_working_size(working_size)
     try:
         loaded = load_image(image_path, max_side=ORIGINAL_MAX_SIDE if size is None else MAX_SIDE)
     except ImageLoadError as error:
-        raise gr.Error(f"{error}", title="Could not read the photo") from error
+        raise gr.Error(str(error), title="Could not read the photo") from error
 
     notes = list(loaded.notes)
     height, width = loaded.pixels.shape[:2]
@@ -162,7 +162,7 @@ def preview_image(image_path: str | Path | None, working_size: str | int | None)
 
 @dataclass(frozen=True)
 class ParamField:
-    """What the chain builder shows for one parameter of an operation."""
+    """One parameter of an operation as the chain builder shows it: name, default as text, and help."""
 
     name: str
     value: str
@@ -203,10 +203,10 @@ def add_step(chain_text: str | None, op_name: str, repeat: int | float, values: 
     takes the default. Parameters equal to their default are left out of the text.
     """
     operation = _operation_or_error(op_name)
-    given = {param.name: value for param, value in zip(operation.params, values)
-             if value is not None and str(value).strip() != ""}
+    entered = {param.name: value for param, value in zip(operation.params, values)
+               if value is not None and str(value).strip() != ""}
     try:
-        resolved = operation.resolve(given)
+        resolved = operation.resolve(entered)
     except ValueError as error:
         raise gr.Error(str(error), title="Invalid parameter") from error
     count = _whole_number(repeat, "Repeat", minimum=1, maximum=MAX_APP_STEPS)
@@ -248,7 +248,7 @@ def parse_app_chain(chain_text: str | None) -> list[Step]:
 
 @dataclass(frozen=True)
 class RunRecord:
-    """Where one comparison's files are, and what the step slider needs to show any step.
+    """The files of one comparison and the data the step slider needs to show any step.
 
     ``step_paths[model][i]`` is the PNG of that model's image after step ``i + 1``.
     """
@@ -306,8 +306,6 @@ def run_comparison(image_path: str | Path | None, chain_text: str | None, model_
     references = _model_references(model_a, model_b)
     prepared = prepare_image(image_path, working_size)
     vaes = _load_models(references, progress)
-
-    folder = new_run_folder()
     started = time.perf_counter()
 
     def report_progress(done: int, total: int, message: str) -> None:
@@ -318,17 +316,20 @@ def run_comparison(image_path: str | Path | None, chain_text: str | None, model_
         result = chain.run_chain(prepared.pixels, steps, vaes, seed=seed_value, image_name=prepared.name,
                                  progress=report_progress)
     except ValueError as error:
-        # Parameters were validated when the chain was parsed, so this is an operation rejecting the
-        # image or a value only it can check (for example an unknown colour name).
+        # Parameters are validated when the chain is parsed, so this error comes from an operation
+        # that rejected the image it was given.
         raise gr.Error(f"An edit in the chain failed: {error}", title="Edit failed") from error
     seconds = time.perf_counter() - started
 
+    folder = new_run_folder()
+    height, width = prepared.pixels.shape[:2]
+    logger.info("ran %d steps on %s at %dx%d with %s and %s in %.1f s; files in %s", len(steps), prepared.name,
+                width, height, references[0], references[1], seconds, folder)
     figure = report.plot_curves(result.rows)
     record = _write_files(folder, result, figure)
     files = [folder / "metrics.csv", folder / "metrics.json", folder / "grid.png", folder / "curves.png"]
     files.append(zip_folder(folder, RESULTS_ZIP))
 
-    height, width = prepared.pixels.shape[:2]
     notes = list(prepared.notes) + list(result.notes)
     notes.append(f"Ran {len(steps)} steps with 2 models at {width}x{height} pixels in {seconds:.1f} s.")
     if all(row["lpips_src"] is None for row in result.rows):
@@ -357,12 +358,13 @@ def show_step(record: RunRecord | None, step: int | float, gain: float = DEFAULT
     source = _read_png(record.source_path)
     images, differences = {}, {}
     for model in record.models:
+        label = record.labels[model]
         image = _read_png(record.step_paths[model][step - 1])
         first = _read_png(record.step_paths[model][0])
         images[model] = image
         differences[model] = report.side_by_side(
             report.difference_map(image, source, gain), report.difference_map(image, first, gain),
-            f"vs source, x{gain:g}", f"vs step 1 (x1), x{gain:g}")
+            f"{label}: vs source, x{gain:g}", f"{label}: vs step 1 (x1), x{gain:g}")
 
     caption = f"**Step {step} of {record.step_count}**: `{record.step_texts[step - 1]}`"
     return StepView(step, caption, source, images, differences, _step_metrics_markdown(record, step))

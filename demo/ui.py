@@ -12,12 +12,13 @@ import gradio as gr
 import pandas as pd
 
 from demo import handlers
+from reed import report
 from reed.models import BUILTIN_MODELS, DEFAULT_ARMS
 
 # Runs that compute at the same time. A comparison already uses every CPU core through torch, so a
 # second concurrent run would only make both slower.
 RUN_CONCURRENCY = 1
-# Requests that may wait in the queue; later visitors are told the queue is full and to retry.
+# Requests that may wait in the queue. Gradio rejects further requests with a "queue is full" error.
 QUEUE_MAX_SIZE = 16
 # Gradio's own copies of served files: checked every 30 minutes, removed after an hour.
 GRADIO_CACHE_CLEANUP = (1800, 3600)
@@ -30,6 +31,7 @@ THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="amber")
 CSS = """
 .intro p { max-width: 72em; }
 .step-caption { font-size: 1.1em; }
+.hint { font-size: 0.9em; opacity: 0.8; }
 """
 
 INTRO = """
@@ -50,7 +52,8 @@ CPU; type a Hugging Face id or a local folder to compare other VAEs.
 """
 
 CHAIN_SYNTAX = ("Steps are separated by `|` or new lines. A step is `NAME` or `NAME key=value ...`, and "
-                "`NAME*N` repeats it N times. Example: `roundtrip*5 | rotate degrees=3 | jpeg quality=85`")
+                "`NAME*N` repeats it N times. Example: `roundtrip*5 | rotate degrees=3 | jpeg quality=85`. "
+                "Build steps below or type them.")
 MODEL_INFO = ("A built-in model, a Hugging Face id (for example stabilityai/sd-vae-ft-mse) or a local "
               "folder in the diffusers layout.")
 RESULTS_HELP = """
@@ -172,8 +175,8 @@ def build_demo() -> gr.Blocks:
 
             with gr.Column(scale=3):
                 gr.Markdown("### 2. Edit chain")
-                chain_box = gr.Textbox(value=handlers.DEFAULT_CHAIN, label="Edit chain", lines=3,
-                                       info=CHAIN_SYNTAX)
+                chain_box = gr.Textbox(value=handlers.DEFAULT_CHAIN, label="Edit chain", lines=3)
+                gr.Markdown(CHAIN_SYNTAX, elem_classes="hint")
                 with gr.Row():
                     preset_buttons = {name: gr.Button(f"Preset: {name}", size="sm") for name in handlers.PRESETS}
                 with gr.Accordion("Build a step", open=True):
@@ -219,9 +222,12 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Differences"):
                 gain_slider = gr.Slider(minimum=1, maximum=32, value=handlers.DEFAULT_GAIN, step=1,
                                         label="Amplification", info="Multiplies |difference| before display.")
+                # The difference images carry their own captions, which a Gradio label would cover.
                 with gr.Row():
-                    difference_a = gr.Image(label="model A: differences", format="png", interactive=False)
-                    difference_b = gr.Image(label="model B: differences", format="png", interactive=False)
+                    difference_a = gr.Image(label="model A: differences", show_label=False, format="png",
+                                            interactive=False)
+                    difference_b = gr.Image(label="model B: differences", show_label=False, format="png",
+                                            interactive=False)
         step_metrics = gr.Markdown()
         gr.Markdown(RESULTS_HELP)
 
@@ -229,8 +235,10 @@ def build_demo() -> gr.Blocks:
             with gr.Tab("Quality curves"):
                 curves_plot = gr.Plot(label="PSNR and SSIM over the chain", format="png")
             with gr.Tab("Grid"):
-                grid_image = gr.Image(label="Source and selected steps, one row per model", format="png",
-                                      interactive=False)
+                grid_steps = ", ".join(str(step) for step in report.DEFAULT_GRID_STEPS)
+                gr.Markdown(f"The source, then steps {grid_steps} (those the chain has) and the last step; "
+                            "one row per model.")
+                grid_image = gr.Image(label="grid", show_label=False, format="png", interactive=False)
             with gr.Tab("Metrics table and files"):
                 metrics_table = gr.Dataframe(label="One row per model and step", interactive=False,
                                              wrap=False, max_height=400)

@@ -63,6 +63,7 @@ class LossConfig:
     l2: float = 1.0
     lpips: float = 0.0
     kl: float = 1e-6
+    latent: float = 0.0
     cycles: int = 1
     cycle_schedule: str = "uniform"
     warmup_cycles: int = 0
@@ -70,7 +71,7 @@ class LossConfig:
     quantize: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "kl"):
+        for name in ("l1", "l2", "lpips", "kl", "latent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
         if self.l1 + self.l2 + self.lpips <= 0:

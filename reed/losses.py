@@ -29,7 +29,13 @@ def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
 
 
 class ReedLoss(torch.nn.Module):
-    """Weighted L1, L2, LPIPS and KL terms over ``num_cycles`` cycles, returning ``(loss, logs)``."""
+    """Weighted L1, L2, LPIPS, KL and latent-consistency terms over ``num_cycles`` cycles.
+
+    ``forward`` returns ``(loss, logs)``. The latent term is the squared distance between each cycle's
+    re-encoded output and the original image's latent, divided by that latent's variance: it asks the
+    decoder for images the encoder maps back to where they came from, the fixed-point property that
+    keeps a chain from drifting.
+    """
 
     def __init__(self, config: LossConfig, lpips_model: torch.nn.Module | None = None):
         super().__init__()
@@ -51,10 +57,14 @@ class ReedLoss(torch.nn.Module):
                     posterior = vae.encode(current).latent_dist
                     current = quantize_8bit(vae.decode(posterior.mode()).sample)
 
-        l1_terms, l2_terms, lpips_terms = [], [], []
+        # The latent of the original image: the point every cycle's re-encoding should come back to.
+        with torch.no_grad():
+            reference_latent = vae.encode(images).latent_dist.mode() if config.latent > 0 else None
+
+        l1_terms, l2_terms, lpips_terms, latent_terms = [], [], [], []
         kl_loss = images.new_zeros(())
+        posterior = vae.encode(current).latent_dist
         for cycle in range(num_cycles):
-            posterior = vae.encode(current).latent_dist
             if cycle == 0:
                 # The KL term only moves the encoder; with a frozen encoder it is a constant.
                 kl_loss = posterior.kl().mean() / posterior.mean[0].numel()
@@ -67,10 +77,19 @@ class ReedLoss(torch.nn.Module):
                 lpips_terms.append(self.lpips_model(decoded.clamp(-1, 1), images).mean())
             current = quantize_8bit(decoded) if config.quantize else decoded
 
+            # Re-encode the output: the next cycle's input, and the latent-consistency term's subject.
+            if cycle + 1 < num_cycles or reference_latent is not None:
+                posterior = vae.encode(current).latent_dist
+            if reference_latent is not None:
+                drift = F.mse_loss(posterior.mode(), reference_latent)
+                latent_terms.append(drift / reference_latent.var().clamp_min(1e-8))
+
         l1_loss = torch.stack(l1_terms).mean()
         l2_loss = torch.stack(l2_terms).mean()
         lpips_loss = torch.stack(lpips_terms).mean() if lpips_terms else images.new_zeros(())
-        loss = config.l1 * l1_loss + config.l2 * l2_loss + config.lpips * lpips_loss + config.kl * kl_loss
+        latent_loss = torch.stack(latent_terms).mean() if latent_terms else images.new_zeros(())
+        loss = (config.l1 * l1_loss + config.l2 * l2_loss + config.lpips * lpips_loss + config.kl * kl_loss
+                + config.latent * latent_loss)
 
         logs = {
             "loss": loss.item(),
@@ -78,6 +97,7 @@ class ReedLoss(torch.nn.Module):
             "l2": l2_loss.item(),
             "lpips": lpips_loss.item(),
             "kl": kl_loss.item(),
+            "latent": latent_loss.item(),
             "l2_last_cycle": l2_terms[-1].item(),
             "cycles": float(num_cycles),
             "warmup": float(num_warmup),

@@ -79,6 +79,14 @@ def test_kl_term_reaches_encoder():
     assert grads["quant_conv.weight"].abs().sum() > 0
 
 
+def test_latent_term_reaches_decoder():
+    without = gradients(make_tiny_vae(), LossConfig(l1=1e-12, l2=0.0, kl=0.0), cycles=2)
+    with_latent = gradients(make_tiny_vae(), LossConfig(l1=1e-12, l2=0.0, kl=0.0, latent=1.0), cycles=2)
+    name = "decoder.conv_out.weight"
+    assert with_latent[name].abs().sum() > 1e3 * without[name].abs().sum()
+    assert with_latent["encoder.conv_in.weight"] is None
+
+
 def test_gradient_flows_through_frozen_encoder(monkeypatch):
     """A second cycle's error must reach the first cycle's decoding through the frozen encoder."""
     config = LossConfig(l1=1.0, l2=1.0, kl=0.0)
@@ -92,7 +100,7 @@ def test_gradient_flows_through_frozen_encoder(monkeypatch):
 def test_loss_logs_every_term():
     images = torch.zeros(1, 3, 16, 16)
     loss, logs = ReedLoss(LossConfig(cycles=3))(make_tiny_vae(), images, 3, num_warmup=2)
-    assert set(logs) >= {"loss", "l1", "l2", "lpips", "kl", "l2_last_cycle", "cycles", "warmup"}
+    assert set(logs) >= {"loss", "l1", "l2", "lpips", "kl", "latent", "l2_last_cycle", "cycles", "warmup"}
     assert logs["cycles"] == 3.0
     assert logs["warmup"] == 2.0
     assert logs["loss"] == pytest.approx(loss.item())
