@@ -1,4 +1,4 @@
-"""The ``python -m reed`` command line: train, ladder, chain, photos, models, ops."""
+"""The ``python -m reed`` command line: train, ladder, chain, photos, export, models, ops."""
 
 from __future__ import annotations
 
@@ -136,6 +136,19 @@ def _photos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import torch
+
+    from reed.models import load_vae
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    vae = load_vae(args.model, cached=False, channels_last=False).to(dtypes[args.dtype])
+    vae.save_pretrained(args.out, safe_serialization=True)
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
+    print(f"Wrote {args.out} ({args.dtype}, {size / 1e6:.1f} MB of weights)")
+    return 0
+
+
 def _split_models(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
@@ -184,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("out", help="output folder")
     photos.add_argument("--train", action="store_true", help="write the training photos instead")
     photos.set_defaults(handler=_photos)
+
+    export = commands.add_parser("export", help="re-save a VAE as a diffusers folder with safetensors weights")
+    export.add_argument("model", help="model reference: built-in name, folder or hub id")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="storage precision of the weights; loading converts them back to float32")
+    export.set_defaults(handler=_export)
 
     commands.add_parser("models", help="list the built-in models").set_defaults(handler=_models)
     commands.add_parser("ops", help="list the edit operations and their parameters").set_defaults(handler=_ops)

@@ -39,11 +39,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @functools.lru_cache(maxsize=4)
-def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+def _gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
     coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     kernel = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
-    kernel = kernel / kernel.sum()
-    return (kernel[:, None] * kernel[None, :]).float()
+    return (kernel / kernel.sum()).float()
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
@@ -51,20 +50,23 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
     Uses an 11x11 Gaussian window with sigma 1.5, K1 = 0.01, K2 = 0.03, and only positions where the
     window fits inside the image; the same as ``skimage.metrics.structural_similarity`` with
-    ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1``.
+    ``gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1``. The Gaussian is
+    applied as two 1-D passes in float32: the variances it subtracts are far above float32 rounding
+    next to the constant K2^2 = 9e-4, and the result agrees with scikit-image to 1e-5 in the tests.
     """
     if a.shape != b.shape:
         raise ValueError(f"SSIM needs images of one shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
     channels = a.shape[1]
     window = min(window, a.shape[-1], a.shape[-2])
     window -= 1 - window % 2  # an odd window, smaller for tiny images
-    kernel = _gaussian_window(window, sigma).to(a.device)[None, None].repeat(channels, 1, 1, 1)
+    kernel = _gaussian_kernel(window, sigma).to(a.device)
+    rows = kernel.view(1, 1, 1, -1).repeat(channels, 1, 1, 1)
+    cols = kernel.view(1, 1, -1, 1).repeat(channels, 1, 1, 1)
     c1, c2 = 0.01 ** 2, 0.03 ** 2
-    a, b = a.double(), b.double()
-    kernel = kernel.double()
+    a, b = a.float(), b.float()
 
     def blur(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, kernel, groups=channels)
+        return F.conv2d(F.conv2d(x, rows, groups=channels), cols, groups=channels)
 
     mu_a, mu_b = blur(a), blur(b)
     var_a = blur(a * a) - mu_a ** 2

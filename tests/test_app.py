@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -55,9 +56,10 @@ def single_torch_thread():
 
 @pytest.fixture(autouse=True)
 def isolated_runs(tmp_path, monkeypatch):
-    """Write each test's run folders under its own tmp_path instead of the shared temp directory."""
+    """Write each test's run folders and example copies under its tmp_path, not the shared temp directory."""
     root = tmp_path / "runs"
     monkeypatch.setattr(runs, "RUNS_ROOT", root)
+    monkeypatch.setattr(handlers, "EXAMPLES_FOLDER", tmp_path / "examples")
     monkeypatch.setattr(handlers, "new_run_folder", lambda: runs.new_run_folder(root))
     return root
 
@@ -92,7 +94,7 @@ def test_run_outputs_every_step_for_both_models(photo_path, tiny_vae_dir, other_
     assert calls[-1] == (2 * step_count, 2 * step_count)
 
 
-def test_run_table_has_one_row_per_model_and_step(photo_path, tiny_vae_dir, other_tiny_vae_dir):
+def test_run_table_rows_per_model_step(photo_path, tiny_vae_dir, other_tiny_vae_dir):
     result = handlers.run_comparison(photo_path, "roundtrip*4", tiny_vae_dir, other_tiny_vae_dir,
                                      HANDLER_WORKING_SIZE, 0)
     model_column = result.table_headers.index("model")
@@ -445,9 +447,12 @@ def e2e_models(tmp_path_factory) -> tuple[str, str]:
 def app_url(tmp_path_factory):
     """Start ``python app.py`` on a free port of 127.0.0.1 and return its URL; stop it afterwards."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("app-server") / "server.log"
+    server_folder = tmp_path_factory.mktemp("app-server")
+    log_path = server_folder / "server.log"
+    # TMPDIR moves the app's run folders, example copies and Gradio's file cache into the test's folder.
     environment = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-                       GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+                       GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                       TMPDIR=str(server_folder))
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=environment,
                                   stdout=log, stderr=subprocess.STDOUT)
@@ -481,7 +486,12 @@ def test_app_end_to_end_25_round_trips(app_url, e2e_models, photo_path, monkeypa
     # gradio_client 2.7 starts a telemetry thread even with analytics_enabled=False unless this
     # variable is set to something other than "True".
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    client = Client(app_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    # gradio_client 2.7 downloads each output through a folder in the system temp directory and leaves
+    # the empty folder behind, so point the temp directory into this test's tmp_path.
+    client_temp = tmp_path / "client-temp"
+    client_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(client_temp))
+    client = Client(app_url, verbose=False, analytics_enabled=False, download_files=str(tmp_path / "downloads"))
     model_a, model_b = e2e_models
 
     outputs = client.predict(handle_file(photo_path), "roundtrip*25", model_a, model_b, E2E_WORKING_SIZE, 0,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from reed.cli import main
@@ -68,3 +70,18 @@ def test_ops_lists_operations(capsys):
     listing = capsys.readouterr().out
     for name in ("roundtrip", "rotate", "jpeg", "crop", "text"):
         assert f"{name}:" in listing
+
+
+def test_export_float16_loads_as_float32(tmp_path, tiny_vae_dir, photo):
+    from reed.edits.vae_ops import vae_roundtrip
+    from reed.models import load_vae
+
+    out = tmp_path / "half"
+    assert main(["export", tiny_vae_dir, str(out), "--dtype", "float16"]) == 0
+    half = (tmp_path / "half" / "diffusion_pytorch_model.safetensors").stat().st_size
+    full = (Path(tiny_vae_dir) / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert half < 0.6 * full
+    vae = load_vae(str(out), cached=False)
+    assert vae.dtype == torch.float32
+    difference = vae_roundtrip(vae, photo).astype(int) - vae_roundtrip(load_vae(tiny_vae_dir, cached=False), photo)
+    assert abs(difference).max() <= 2

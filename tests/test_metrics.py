@@ -63,3 +63,16 @@ def test_lpips_reason_when_missing():
     if metrics.load_lpips() is not None:
         pytest.skip("LPIPS weights are available on this machine")
     assert metrics.lpips_unavailable_reason()
+
+
+def test_ssim_matches_scikit_image_on_photo():
+    from reed.data import held_out_paths
+    from reed.images import load_image
+
+    photo = load_image(held_out_paths()["chelsea"]).pixels.astype(np.float64) / 255
+    rng = np.random.default_rng(1)
+    noisy = np.clip(photo + rng.normal(0, 0.02, photo.shape), 0, 1)
+    expected = structural_similarity(photo, noisy, channel_axis=2, data_range=1.0, gaussian_weights=True,
+                                     sigma=1.5, use_sample_covariance=False)
+    got = metrics.ssim(torch.from_numpy(photo).permute(2, 0, 1)[None], torch.from_numpy(noisy).permute(2, 0, 1)[None])
+    assert got == pytest.approx(expected, abs=1e-5)
