@@ -8,8 +8,8 @@ A reference is one of:
   inside a pipeline repository (``stable-diffusion-v1-5/stable-diffusion-v1-5/vae``).
 
 The latent convention follows diffusers pipelines, so a VAE loaded here can be passed to a pipeline
-as ``vae=``: images are in [-1, 1]; after encoding, latents are shifted by ``shift_factor`` (when the
-config has one, as SD3 and FLUX VAEs do) and multiplied by ``scaling_factor``; before decoding, the
+as ``vae=``. Images are in [-1, 1]. After encoding, latents are shifted by ``shift_factor`` (when the
+config has one, as SD3 and FLUX VAEs do) and multiplied by ``scaling_factor``. Before decoding, the
 inverse is applied. ``encode`` and ``decode`` below are the only places that apply it.
 """
 
@@ -78,7 +78,7 @@ def _split_hub_id(reference: str) -> tuple[str, str | None]:
 
 
 def _vae_folder(folder: Path) -> Path:
-    """Find the folder that holds the VAE: the folder itself or its ``vae/`` subfolder."""
+    """Return the folder with the VAE's config.json: the folder itself or its ``vae/`` subfolder."""
     for candidate in (folder, folder / "vae"):
         if (candidate / "config.json").is_file():
             return candidate
@@ -90,7 +90,7 @@ def _check_safetensors(folder: Path) -> None:
         return
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
     if pickles:
-        raise ModelLoadError(f"{folder} holds only pickle checkpoints ({', '.join(pickles)}). reed loads "
+        raise ModelLoadError(f"{folder} contains only pickle checkpoints ({', '.join(pickles)}). reed loads "
                              "weights from safetensors files only, because a pickle can run arbitrary code. "
                              "Load it once on a trusted machine and re-save it with `save_pretrained`, "
                              "which writes safetensors, or use a safetensors release.")
@@ -110,7 +110,7 @@ def resolve(reference: str) -> tuple[str, str | None]:
     path = Path(reference).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+            raise ModelLoadError(f"{path} is a file; pass the folder that contains config.json and the weights.")
         folder = _vae_folder(path)
         _check_safetensors(folder)
         return str(folder), None
