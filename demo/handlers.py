@@ -8,6 +8,8 @@ Images are uint8 arrays of shape (H, W, 3), as everywhere in ``reed``.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from PIL import Image
 from reed import chain, data, metrics, models, report
 from reed.chain import Step
 from reed.edits import OPERATIONS, get_operation
+from reed.edits.diffusion import RECTANGLE
 from reed.images import MAX_SIDE, ImageLoadError, load_image, resize_to_working_size, save_png
 from demo.runs import new_run_folder, zip_folder
 
@@ -61,6 +64,11 @@ logger = logging.getLogger(__name__)
 # Copies of the example photos. Gradio serves files from the temp directory without extra allowed_paths,
 # but not from the installed packages that hold the originals.
 EXAMPLES_FOLDER = Path(tempfile.gettempdir()) / "reed-demo-examples"
+# Masks drawn in the app and reference images uploaded to it, named by their content hash.
+INPUTS_FOLDER = Path(tempfile.gettempdir()) / "reed-demo-inputs"
+# Operation parameters that name a file on the server. The app accepts only files under the temp
+# directory, where uploads and drawn masks are stored, so a visitor cannot make it read other files.
+FILE_PARAMS = ("mask", "reference")
 
 
 # Photo
@@ -191,9 +199,25 @@ def parameter_fields(op_name: str) -> list[ParamField]:
 
 
 def operation_help(op_name: str) -> str:
-    """Return a one-line Markdown description of an operation."""
+    """Return a one-line Markdown description of an operation, with the reason when it is unavailable."""
     operation = _operation_or_error(op_name)
-    return f"**{operation.name}**: {operation.help}."
+    text = f"**{operation.name}**: {operation.help}."
+    reason = unavailable_reason(op_name)
+    if reason:
+        text += f"\n\n**Unavailable with its default model:** {reason}"
+    return text
+
+
+def unavailable_reason(op_name: str) -> str | None:
+    """Return why an operation cannot run with its default parameters, or None when it can."""
+    operation = _operation_or_error(op_name)
+    return operation.unavailable_reason() if operation.unavailable_reason else None
+
+
+def operation_choices() -> list[tuple[str, str]]:
+    """Return (label, name) pairs in the order of ``operation_names``, labelling unavailable operations."""
+    return [(f"{name} (unavailable: see below)" if unavailable_reason(name) else name, name)
+            for name in operation_names()]
 
 
 def add_step(chain_text: str | None, op_name: str, repeat: int | float, values: Sequence[Any]) -> str:
@@ -240,7 +264,86 @@ def parse_app_chain(chain_text: str | None) -> list[Step]:
         raise gr.Error(f"The chain has {len(steps)} steps, but this app runs at most {MAX_APP_STEPS} per "
                        "request so that other visitors are not kept waiting. Shorten the chain, or run it "
                        "with reed.chain.run_chain in Python.", title="Chain too long")
+    _check_file_params(steps)
     return steps
+
+
+def _check_file_params(steps: Sequence[Step]) -> None:
+    """Raise ``gr.Error`` for a mask or reference file outside the temp directory (see ``FILE_PARAMS``)."""
+    allowed = Path(tempfile.gettempdir()).resolve()
+    for step in steps:
+        for name in FILE_PARAMS:
+            value = step.params.get(name)
+            if not isinstance(value, str) or RECTANGLE.match(value):
+                continue
+            if not Path(value).expanduser().resolve().is_relative_to(allowed):
+                raise gr.Error(f"The {step.op} {name} '{value}' is outside the app's upload folder. Draw the mask "
+                               "or upload the reference image in the app, and use the path it puts in the chain.",
+                               title="Invalid edit chain")
+
+
+# Diffusion inputs: masks and reference images
+
+
+def _store_input(data: bytes, kind: str) -> Path:
+    """Write ``data`` to ``INPUTS_FOLDER`` under a name made of its hash, and return the path."""
+    INPUTS_FOLDER.mkdir(parents=True, exist_ok=True)
+    target = INPUTS_FOLDER / f"{kind}-{hashlib.sha256(data).hexdigest()[:16]}.png"
+    if not target.is_file():
+        partial = target.with_name(f".{target.name}.{os.getpid()}")
+        partial.write_bytes(data)
+        os.replace(partial, target)
+    return target
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_mask(editor_value: dict[str, Any] | None) -> str:
+    """Turn the brush strokes of the mask editor into a mask file and return its path.
+
+    ``editor_value`` is the ``gr.ImageEditor`` value with numpy layers. Every painted pixel (alpha above
+    zero in any layer) becomes white, the region that inpaint and pbe repaint; the rest is black.
+    """
+    layers = [layer for layer in (editor_value or {}).get("layers") or [] if layer is not None]
+    if not layers:
+        raise gr.Error("Paint over the part of the photo to change, then press the button again.", title="No mask drawn")
+    painted = np.zeros(layers[0].shape[:2], dtype=bool)
+    for layer in layers:
+        layer = np.asarray(layer)
+        if layer.shape[:2] != painted.shape:
+            raise gr.Error("The mask layers have different sizes; clear the drawing and paint again.",
+                           title="Invalid mask")
+        if layer.ndim == 3 and layer.shape[2] == 4:
+            painted |= layer[..., 3] > 0
+        else:
+            # A layer without alpha counts every non-black pixel as painted.
+            painted |= layer.reshape(painted.shape + (-1,)).max(axis=-1) > 0
+    if not painted.any():
+        raise gr.Error("The drawing is empty. Paint over the part of the photo to change.", title="No mask drawn")
+    mask = Image.fromarray(np.where(painted, 255, 0).astype(np.uint8))
+    return str(_store_input(_png_bytes(mask), "mask"))
+
+
+def save_reference(image_path: str | Path | None) -> str:
+    """Copy an uploaded reference image (for pbe) into ``INPUTS_FOLDER`` as PNG and return the new path."""
+    if image_path is None or str(image_path).strip() == "":
+        raise gr.Error("Upload a reference image first.", title="No reference image")
+    try:
+        loaded = load_image(image_path)
+    except ImageLoadError as error:
+        raise gr.Error(str(error), title="Could not read the reference image") from error
+    return str(_store_input(_png_bytes(Image.fromarray(loaded.pixels)), "reference"))
+
+
+def parameter_index(op_name: str, param_name: str) -> int | None:
+    """Return the position of ``param_name`` among the operation's parameters, or None if it has none."""
+    operation = _operation_or_error(op_name)
+    names = [param.name for param in operation.params]
+    return names.index(param_name) if param_name in names else None
 
 
 # Comparison
@@ -315,10 +418,19 @@ def run_comparison(image_path: str | Path | None, chain_text: str | None, model_
     try:
         result = chain.run_chain(prepared.pixels, steps, vaes, seed=seed_value, image_name=prepared.name,
                                  progress=report_progress)
+    except models.ModelLoadError as error:
+        # A diffusion edit's pipeline is loaded before the first step, so nothing has run yet.
+        raise gr.Error(str(error), title="Could not load a diffusion model") from error
     except ValueError as error:
         # Parameters are validated when the chain is parsed, so this error comes from an operation
-        # that rejected the image it was given.
+        # that rejected the image it was given, or from a pre-flight check of a diffusion edit.
         raise gr.Error(f"An edit in the chain failed: {error}", title="Edit failed") from error
+    except (RuntimeError, MemoryError) as error:
+        # A model or an edit failed while running: out of memory, or a VAE whose layers do not accept
+        # 3-channel images. Gradio would show the visitor only "Error", so pass the message on.
+        logger.exception("chain failed on %s with %s and %s", prepared.name, references[0], references[1])
+        raise gr.Error(f"Running the chain failed ({type(error).__name__}: {error}). Try a smaller working size "
+                       "or other models.", title="Run failed") from error
     seconds = time.perf_counter() - started
 
     folder = new_run_folder()

@@ -6,6 +6,7 @@ The functions prefixed with ``_`` only convert between Gradio components and the
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import gradio as gr
@@ -54,6 +55,11 @@ CPU; type a Hugging Face id or a local folder to compare other VAEs.
 CHAIN_SYNTAX = ("Steps are separated by `|` or new lines. A step is `NAME` or `NAME key=value ...`, and "
                 "`NAME*N` repeats it N times. Example: `roundtrip*5 | rotate degrees=3 | jpeg quality=85`. "
                 "Build steps below or type them.")
+DIFFUSION_INPUTS_HELP = ("Choose inpaint or pbe under *Operation* first. Paint over the region to change and "
+                         "press the button: the mask is saved as a file and its path goes into the mask box "
+                         "(a rectangle x,y,w,h in pixels works too). For pbe, upload the example object's image "
+                         "the same way. Diffusion edits need their pipeline's weights; an operation marked "
+                         "unavailable can still run with model= set to a local pipeline folder.")
 MODEL_INFO = ("A built-in model, a Hugging Face id (for example stabilityai/sd-vae-ft-mse) or a local "
               "folder in the diffusers layout.")
 RESULTS_HELP = """
@@ -91,6 +97,29 @@ def _operation_fields(op_name: str) -> list[Any]:
 
 def _add_step(chain_text: str, op_name: str, repeat: float, *values: str) -> str:
     return handlers.add_step(chain_text, op_name, repeat, values)
+
+
+def _fill_parameter(op_name: str, param_name: str, make_value: Callable[[], str]) -> list[Any]:
+    """Put ``make_value()`` into the builder's box for ``param_name``, leaving the other boxes unchanged."""
+    index = handlers.parameter_index(op_name, param_name)
+    if index is None:
+        raise gr.Error(f"The operation '{op_name}' has no {param_name}. Choose inpaint or pbe in the builder "
+                       "first.", title=f"No {param_name} parameter")
+    value = make_value()
+    return [gr.Textbox(value=value) if slot == index else gr.skip() for slot in range(PARAM_SLOTS)]
+
+
+def _use_mask(op_name: str, editor_value: dict[str, Any] | None) -> list[Any]:
+    return _fill_parameter(op_name, "mask", lambda: handlers.save_mask(editor_value))
+
+
+def _use_reference(op_name: str, reference_path: str | None) -> list[Any]:
+    return _fill_parameter(op_name, "reference", lambda: handlers.save_reference(reference_path))
+
+
+def _mask_background(preview: Any) -> dict[str, Any]:
+    """Show the photo as the models see it under the mask brush, with no strokes."""
+    return {"background": preview, "layers": [], "composite": preview}
 
 
 def _step_outputs(record: handlers.RunRecord, view: handlers.StepView) -> list[Any]:
@@ -148,6 +177,7 @@ def _show_step(record: handlers.RunRecord | None, step: float, gain: float) -> l
 def build_demo() -> gr.Blocks:
     """Build the app: inputs (photo, chain, models) at the top, results below."""
     operation_names = handlers.operation_names()
+    operation_choices = handlers.operation_choices()
     examples = handlers.example_photos()
 
     # Analytics are off because the app must work offline and sends nothing to other hosts.
@@ -181,7 +211,7 @@ def build_demo() -> gr.Blocks:
                     preset_buttons = {name: gr.Button(f"Preset: {name}", size="sm") for name in handlers.PRESETS}
                 with gr.Accordion("Build a step", open=True):
                     with gr.Row():
-                        op_dropdown = gr.Dropdown(operation_names, value=operation_names[0], label="Operation",
+                        op_dropdown = gr.Dropdown(operation_choices, value=operation_names[0], label="Operation",
                                                   scale=3)
                         repeat_box = gr.Number(value=1, label="Repeat", precision=0, minimum=1,
                                                maximum=handlers.MAX_APP_STEPS, scale=1)
@@ -189,6 +219,17 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         param_boxes = [gr.Textbox(visible=False, min_width=140) for _ in range(PARAM_SLOTS)]
                     add_button = gr.Button("Add step to the chain", size="sm")
+                with gr.Accordion("Mask and reference image (for inpaint and pbe)", open=False):
+                    gr.Markdown(DIFFUSION_INPUTS_HELP, elem_classes="hint")
+                    with gr.Row():
+                        mask_editor = gr.ImageEditor(
+                            label="Paint the region to repaint", type="numpy", height=IMAGE_HEIGHT,
+                            brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"))
+                        reference_image = gr.Image(label="Reference image (pbe)", type="filepath",
+                                                   sources=["upload"], height=IMAGE_HEIGHT)
+                    with gr.Row():
+                        mask_button = gr.Button("Use the painted region as the mask", size="sm")
+                        reference_button = gr.Button("Use this image as the reference", size="sm")
 
                 gr.Markdown("### 3. Models")
                 with gr.Row():
@@ -261,6 +302,10 @@ def build_demo() -> gr.Blocks:
         demo.load(_operation_fields, op_dropdown, [op_help, *param_boxes], api_visibility="private", **light)
         add_button.click(_add_step, [chain_box, op_dropdown, repeat_box, *param_boxes], chain_box,
                          api_name="add_step", **light)
+        photo_preview.change(_mask_background, photo_preview, mask_editor, api_visibility="private", **light)
+        mask_button.click(_use_mask, [op_dropdown, mask_editor], param_boxes, api_visibility="private", **light)
+        reference_button.click(_use_reference, [op_dropdown, reference_image], param_boxes,
+                               api_visibility="private", **light)
         for name, button in preset_buttons.items():
             button.click(functools.partial(handlers.preset_chain, name), None, chain_box,
                          api_visibility="private", **light)

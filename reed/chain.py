@@ -8,7 +8,7 @@ JSON form: ``{"steps": [{"op": "roundtrip", "repeat": 10}, {"op": "rotate", "par
 (a bare list of steps is accepted too).
 
 Running: every arm (a VAE) starts from the same source image and gets the same steps with the same
-per-step seeds. Between steps each arm holds an 8-bit RGB image of the working size, as a user would.
+per-step seeds. Between steps each arm has an 8-bit RGB image of the working size, as a user would.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ def chain_from_json(data: str | list | dict) -> list[Step]:
 def load_chain(spec: str) -> list[Step]:
     """Parse a chain given as text or JSON (JSON when it starts with ``{`` or ``[``)."""
     stripped = spec.strip()
-    return chain_from_json(stripped) if stripped[:1] in "{[" else parse_chain(stripped)
+    # A tuple, not the string "{[", because the empty string is a substring of every string.
+    return chain_from_json(stripped) if stripped[:1] in ("{", "[") else parse_chain(stripped)
 
 
 def _format_value(value: Any) -> str:
@@ -238,6 +239,7 @@ def run_chain(source: np.ndarray, steps: list[Step], arms: dict[str, Any] | list
         raise ValueError("Give at least one model to compare.")
     loaded = {name: vae for name, vae in vaes.items() if vae is not None}
     notes = _shape_notes(loaded) if any(get_operation(s.op).uses_vae for s in steps) else []
+    notes += [note for note in prepare_steps(steps, loaded) if note not in notes]
 
     source_unit = metrics.to_unit(source)
     current = {name: source for name in vaes}
@@ -272,6 +274,25 @@ def run_chain(source: np.ndarray, steps: list[Step], arms: dict[str, Any] | list
             if progress is not None:
                 progress(len(rows), total, f"{name}: step {index}/{len(steps)} ({step.op})")
     return ChainResult(image_name, source, list(steps), list(vaes), images, rows, notes)
+
+
+def prepare_steps(steps: list[Step], vaes: dict[str, Any]) -> list[str]:
+    """Run the pre-flight check of every distinct step that has one, and return their warnings.
+
+    A check loads what its operation needs (such as a diffusion pipeline) and raises ``ValueError`` or
+    ``reed.models.ModelLoadError`` when the step cannot run, so a chain fails before its first step.
+    """
+    notes: list[str] = []
+    checked: set[Step] = set()
+    for step in steps:
+        operation = get_operation(step.op)
+        if operation.prepare is None or step in checked:
+            continue
+        checked.add(step)
+        for note in operation.prepare(step.params, vaes):
+            if note not in notes:
+                notes.append(note)
+    return notes
 
 
 def _shape_notes(vaes: dict[str, Any]) -> list[str]:

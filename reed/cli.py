@@ -1,4 +1,4 @@
-"""The ``python -m reed`` command line: train, ladder, chain, photos, export, models, ops."""
+"""The ``python -m reed`` command line: train, ladder, chain, table1, photos, export, models, ops."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides["output_dir"] = args.output_dir
     if args.steps:
         overrides["steps"] = args.steps
+    if args.random_init:
+        overrides["random_init"] = True
     config = TrainConfig.from_yaml(args.config, overrides)
     train(config, resume=not args.no_resume, max_steps=args.max_steps)
     return 0
@@ -106,6 +108,77 @@ def _chain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table1(args: argparse.Namespace) -> int:
+    from reed import table1
+    from reed.models import load_vae
+
+    if (args.samples is None) == (args.dataset is None):
+        raise ValueError("Give either a samples folder or manifest file, or --dataset NAME, but not both.")
+    snapshots = tuple(int(step) for step in args.snapshots.split(",") if step.strip())
+    op_params = {"steps": args.steps_per_edit}
+    for key, value in (("model", args.model), ("guidance", args.guidance), ("image_guidance", args.image_guidance)):
+        if value is not None:
+            op_params[key] = value
+    if args.keep_unmasked:
+        op_params["keep_unmasked"] = True
+    config = table1.Table1Config(editor=args.editor, models=_split_models(args.models), op_params=op_params,
+                                 edits=args.edits, snapshots=snapshots, seed=args.seed, size=args.size,
+                                 default_mask=args.mask)
+    out = Path(args.out)
+    if args.samples is not None:
+        samples = table1.load_manifest(args.samples)[:args.limit]
+    else:
+        samples = table1.load_hub_dataset(args.dataset, args.split, out / "inputs", limit=args.limit)
+
+    vaes = {name: load_vae(name) for name in config.models}
+    print(f"table1: {len(samples)} samples, editor {config.editor}, {config.edits} edits, snapshots "
+          f"{list(config.snapshots)}, models {', '.join(config.models)}")
+    with tqdm(total=len(samples), desc="samples", dynamic_ncols=True) as bar:
+        def show_progress(done: int, total: int, message: str) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix_str(message)
+
+        results = table1.run_table1(samples, vaes, config, out, with_lpips=not args.no_lpips, progress=show_progress)
+    if results["skipped"]:
+        print(f"Skipped {len(results['skipped'])} samples finished by an earlier run into {out}.")
+    for note in results["notes"]:
+        print(f"note: {note}")
+    print((out / "table1.md").read_text(encoding="utf-8"))
+    print(f"Wrote {out / 'metrics.json'}, table1.md, table1.csv and per-sample snapshots under {out / 'samples'}")
+    return 0
+
+
+def _add_table1_parser(commands) -> None:
+    table = commands.add_parser(
+        "table1", help="the iterative-editing benchmark: each sample edited N times in sequence, per VAE")
+    table.add_argument("samples", nargs="?",
+                       help="folder with manifest.csv or manifest.json (columns image, mask, instruction, "
+                            "reverse_instruction, reference, name), or the manifest file itself")
+    table.add_argument("--dataset", help="a Hugging Face dataset name instead of a folder (needs network access "
+                                         "and the datasets package; its columns must use the manifest names)")
+    table.add_argument("--split", default="test", help="dataset split to read with --dataset")
+    table.add_argument("--limit", type=int, help="use only the first N samples")
+    table.add_argument("--models", required=True, help="two or more comma-separated VAE references")
+    table.add_argument("--editor", choices=("ip2p", "inpaint", "pbe"), default="ip2p",
+                       help="ip2p alternates instruction and reverse instruction; inpaint and pbe repeat one edit")
+    table.add_argument("--model", help="the editor's pipeline: hub id or local folder (default: the op's default)")
+    table.add_argument("--edits", type=int, default=25, help="edits per sample")
+    table.add_argument("--snapshots", default="1,5,15,25",
+                       help="comma-separated steps whose images are saved and measured; must include 1")
+    table.add_argument("--steps-per-edit", type=int, default=20, help="denoising steps of each edit")
+    table.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the op's)")
+    table.add_argument("--image-guidance", type=float, help="ip2p image guidance scale (default: the op's)")
+    table.add_argument("--mask", help="mask for samples without one: x,y,w,h in pixels or an image file")
+    table.add_argument("--keep-unmasked", action="store_true",
+                       help="inpaint and pbe: paste input pixels back outside the mask after each edit")
+    table.add_argument("--size", type=int, default=512,
+                       help="shorter side of the working image in pixels, centre-cropped to a multiple of 8")
+    table.add_argument("--seed", type=int, default=0, help="run seed; each (sample, step) seed derives from it")
+    table.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
+    table.add_argument("--out", default="out/table1", help="output folder; a rerun into it skips finished samples")
+    table.set_defaults(handler=_table1)
+
+
 def _models(args: argparse.Namespace) -> int:
     from reed.models import BUILTIN_MODELS
 
@@ -167,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, help="override steps (the length of the schedule)")
     train.add_argument("--max-steps", type=int, help="stop after this many steps in total; resume later")
     train.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in output_dir")
+    train.add_argument("--random-init", action="store_true",
+                       help="build the config's model architecture with random weights instead of loading base "
+                            "(smoke tests and cost measurements without the hub)")
     train.set_defaults(handler=_train)
 
     default_models = "reed-mini:standard,reed-mini:reed,reed-mini:control"
@@ -192,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--seed", type=int, default=0, help="seed for random edits, the same for every model")
     chain.add_argument("--out", default="out/chain", help="output folder")
     chain.set_defaults(handler=_chain)
+
+    _add_table1_parser(commands)
 
     photos = commands.add_parser("photos", help="write the bundled photos as PNG files (held-out ones by default)")
     photos.add_argument("out", help="output folder")

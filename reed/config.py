@@ -10,11 +10,15 @@ from typing import Any
 import yaml
 
 CYCLE_SCHEDULES = ("fixed", "uniform", "grow")
+EDIT_NAMES = ("crop", "resize", "color", "jpeg", "blur")  # the keys of reed.augment.EDITS
+MIXED_PRECISION = ("no", "fp16", "bf16")
+FINAL_WEIGHTS = ("trained", "ema")
 
 
 @dataclass
 class ModelConfig:
-    """Shape of a new ``AutoencoderKL``, used when training starts from scratch (``base: null``)."""
+    """Shape of a new ``AutoencoderKL``, used when training starts from scratch (``base: null``) or with
+    ``random_init: true``."""
 
     block_out_channels: tuple[int, ...] = (24, 48, 96, 128)
     layers_per_block: int = 1
@@ -57,6 +61,14 @@ class LossConfig:
     ``warmup_probability`` a batch first runs 1..``warmup_cycles`` passes without gradients, so the
     loss also sees images from deep in a chain at little cost. ``cycles: 1`` and ``warmup_cycles: 0``
     is ordinary single-pass VAE training.
+
+    ``latent`` weighs the distance of each cycle's re-encoding from the original image's latent.
+    ``encoder_anchor`` is a different term, for ``train_encoder: true``: the distance of the trained
+    encoder's latent from a frozen copy of the base encoder's, so diffusion models trained on the base's
+    latents still understand the new ones. ``adversarial`` weighs a PatchGAN hinge term that starts at
+    ``adversarial_start_step``, optionally scaled by the adaptive weight (``adversarial_adaptive``).
+    With probability ``edit_probability`` at each boundary between cycles, one of ``edits`` (ordinary
+    pixel edits) is applied to the cycle's output and its target (``reed.augment``).
     """
 
     l1: float = 1.0
@@ -69,9 +81,15 @@ class LossConfig:
     warmup_cycles: int = 0
     warmup_probability: float = 0.5
     quantize: bool = True
+    encoder_anchor: float = 0.0
+    adversarial: float = 0.0
+    adversarial_start_step: int = 0
+    adversarial_adaptive: bool = False
+    edit_probability: float = 0.0
+    edits: tuple[str, ...] = EDIT_NAMES
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "kl", "latent"):
+        for name in ("l1", "l2", "lpips", "kl", "latent", "encoder_anchor", "adversarial"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
         if self.l1 + self.l2 + self.lpips <= 0:
@@ -83,19 +101,55 @@ class LossConfig:
             raise ValueError(f"loss.warmup_cycles must be >= 0, got {self.warmup_cycles}.")
         if not 0.0 <= self.warmup_probability <= 1.0:
             raise ValueError(f"loss.warmup_probability must be in [0, 1], got {self.warmup_probability}.")
+        if self.adversarial_start_step < 0:
+            raise ValueError(f"loss.adversarial_start_step must be >= 0, got {self.adversarial_start_step}.")
+        if not 0.0 <= self.edit_probability <= 1.0:
+            raise ValueError(f"loss.edit_probability must be in [0, 1], got {self.edit_probability}.")
+        if isinstance(self.edits, str):
+            raise ValueError(f"loss.edits must be a list of edit names, got the string '{self.edits}'.")
+        self.edits = tuple(self.edits)
+        unknown = [name for name in self.edits if name not in EDIT_NAMES]
+        if unknown or not self.edits:
+            raise ValueError(f"loss.edits must be a non-empty list from {EDIT_NAMES}, got {list(self.edits)}.")
+
+
+@dataclass
+class DiscriminatorConfig:
+    """Shape and learning rate of the PatchGAN discriminator, used when ``loss.adversarial`` > 0.
+
+    ``learning_rate: null`` uses the run's ``learning_rate``, held constant (no warm-up or decay).
+    """
+
+    layers: int = 3
+    channels: int = 64
+    learning_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        _positive(self, "layers", "channels")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"discriminator.learning_rate must be > 0 or null, got {self.learning_rate}.")
 
 
 @dataclass
 class TrainConfig:
-    """Everything one training run needs. ``output_dir`` receives checkpoints, logs and the final model."""
+    """Everything one training run needs. ``output_dir`` receives checkpoints, logs and the final model.
+
+    ``train_encoder: null`` (the default) resolves to false when there is a ``base`` (decoder-only REED,
+    the latent space stays the base's) and to true when training from scratch. docs/training.md
+    describes every key.
+    """
 
     output_dir: str
     steps: int
     base: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    train_encoder: bool = True
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    train_encoder: bool | None = None
+    random_init: bool = False
     data: str = "bundled"
+    dataset_split: str = "train"
+    dataset_image_column: str = "image"
     crop_size: int = 128
     batch_size: int = 8
     learning_rate: float = 1e-3
@@ -109,13 +163,25 @@ class TrainConfig:
     eval_every: int = 200
     eval_cycles: int = 10
     eval_size: int = 128
+    eval_data: str = "bundled"
     threads: int | None = None
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = None
+    final_weights: str = "trained"
+    log_with: str = "auto"
+    tracker_project: str = "reed"
+    push_to_hub: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = ModelConfig(**self.model)
         if isinstance(self.loss, dict):
             self.loss = LossConfig(**self.loss)
+        if isinstance(self.discriminator, dict):
+            self.discriminator = DiscriminatorConfig(**self.discriminator)
+        if self.train_encoder is None:
+            self.train_encoder = self.base is None
         _positive(self, "steps", "crop_size", "batch_size", "log_every", "checkpoint_every",
                   "keep_checkpoints", "eval_every", "eval_cycles", "eval_size")
         if self.crop_size % 8 or self.eval_size % 8:
@@ -126,14 +192,39 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}.")
         if self.warmup_steps < 0 or self.grad_clip < 0:
             raise ValueError("warmup_steps and grad_clip must be >= 0.")
-        if self.base is None and not self.train_encoder:
+        if self.base is None and not self.train_encoder and not self.random_init:
             raise ValueError("train_encoder: false needs a base model to take the frozen encoder from.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}.")
+        self._check_training_options()
+
+    def _check_training_options(self) -> None:
+        if self.loss.encoder_anchor > 0 and not self.train_encoder:
+            raise ValueError("loss.encoder_anchor > 0 needs train_encoder: true. With a frozen encoder the "
+                             "term is always 0, so set loss.encoder_anchor: 0.")
+        if self.loss.encoder_anchor > 0 and self.base is None and not self.random_init:
+            raise ValueError("loss.encoder_anchor > 0 needs a base model, because the term keeps the trained "
+                             "encoder near the base's. Set base, or set loss.encoder_anchor: 0.")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got '{self.mixed_precision}'.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null, got {self.ema_decay}.")
+        if self.final_weights not in FINAL_WEIGHTS:
+            raise ValueError(f"final_weights must be one of {FINAL_WEIGHTS}, got '{self.final_weights}'.")
+        if self.final_weights == "ema" and self.ema_decay is None:
+            raise ValueError("final_weights: ema needs ema_decay (for example 0.999).")
+        if self.random_init and self.base is None:
+            raise ValueError("random_init: true needs base, the model whose architecture `model` describes "
+                             "(it is named in the model card). Set base, or drop random_init and use base: null.")
+        if self.data.startswith("hf:") and not self.data[3:].strip():
+            raise ValueError(f"data: '{self.data}' names no dataset. Use hf:OWNER/NAME.")
+        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
+            raise ValueError(f"push_to_hub must be a repository id OWNER/NAME or null, got '{self.push_to_hub}'.")
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"]["block_out_channels"] = list(self.model.block_out_channels)
+        data["loss"]["edits"] = list(self.loss.edits)
         return data
 
     @classmethod

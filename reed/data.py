@@ -2,19 +2,26 @@
 
 The built-in models are trained on the photos that ship inside scikit-image, scikit-learn and
 matplotlib, so everything runs offline. A fixed set of them is held out for evaluation and never cropped
-for training: ``HELD_OUT``.
+for training: ``HELD_OUT``. A run can instead train on a folder of images or a streamed Hugging Face
+dataset (``reed.hub_data``), and evaluate on a folder of its own (``eval_paths``).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from reed.hub_data import StreamingCrops, hub_dataset_name, is_hub_dataset, open_hub_stream
 from reed.images import load_image
+
+if TYPE_CHECKING:
+    from reed.config import TrainConfig
 
 PIP_NAMES = {"skimage": "scikit-image", "sklearn": "scikit-learn", "matplotlib": "matplotlib"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -87,6 +94,25 @@ def training_paths(source: str) -> list[Path]:
     if source == "bundled":
         return [bundled_path(photo) for photo in TRAIN_PHOTOS]
     return folder_images(source)
+
+
+def eval_paths(source: str) -> list[Path]:
+    """Resolve the held-out set: ``bundled`` (``HELD_OUT``) or a folder of images, in a fixed order."""
+    if source == "bundled":
+        return list(held_out_paths().values())
+    return folder_images(source)
+
+
+def make_crops(config: "TrainConfig", process_index: int = 0,
+               num_processes: int = 1) -> "RandomCrops | StreamingCrops":
+    """Build one process's crop stream for ``config.data``; each process gets its own seed and share."""
+    seed = config.seed + process_index
+    if is_hub_dataset(config.data):
+        open_stream = functools.partial(open_hub_stream, hub_dataset_name(config.data), config.dataset_split,
+                                        config.seed, process_index, num_processes)
+        return StreamingCrops(lambda skip: open_stream(skip=skip), config.dataset_image_column,
+                              config.crop_size, seed=seed)
+    return RandomCrops(training_paths(config.data), config.crop_size, seed=seed)
 
 
 class RandomCrops:

@@ -76,7 +76,11 @@ def _open(source: ImageSource) -> Image.Image:
         # Pillow's message names only the in-memory stream, so state the cause instead.
         raise ImageLoadError(f"Could not read {name} as an image (the file format was not recognised). "
                              "Use a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from error
-    except (OSError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+        # Above twice MAX_DECODE_PIXELS, Pillow's message quotes that doubled limit, so state the real cap first.
+        raise ImageLoadError(f"Could not read {name}: the image has more than {MAX_DECODE_PIXELS:,} pixels, so it "
+                             f"was not decoded ({error}). Resize it to fewer pixels first.") from error
+    except (OSError, SyntaxError) as error:
         raise ImageLoadError(f"Could not read {name} as an image ({error}). "
                              "Use a PNG, JPEG, WebP, GIF, BMP or TIFF file.") from error
     return image

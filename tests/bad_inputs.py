@@ -8,6 +8,8 @@ path. The pixel content of each file is described in its writer, so a test can c
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -237,6 +239,25 @@ def write_text_as_png(folder: Path) -> Path:
     return path
 
 
+def write_decompression_bomb(folder: Path) -> Path:
+    """Write a PNG whose header declares 20000x20000 pixels (400 million) but whose data is a few bytes.
+
+    Pillow reads the size from the header when it opens the file, so the loader must reject the file
+    before decoding any pixels.
+    """
+    path = folder / "bomb.png"
+    side = 20_000
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00"))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 # Fragments of the notes and error messages that reed.images writes.
 COMPOSITED = "composited on a white background"
 ROTATED = "EXIF orientation"
@@ -260,6 +281,7 @@ CASES: list[Case] = [
     Case("zero_bytes", write_zero_bytes, rejects("empty (0 bytes)")),
     Case("truncated_png", write_truncated_png, rejects(UNREADABLE)),
     Case("text_as_png", write_text_as_png, rejects(UNREADABLE)),
+    Case("decompression_bomb", write_decompression_bomb, rejects("more than 100,000,000 pixels")),
 ]
 
 CASES_BY_NAME: dict[str, Case] = {case.name: case for case in CASES}

@@ -87,6 +87,8 @@ def test_every_operation_keeps_size(photo, tiny_vae_dir):
     vae = load_vae(tiny_vae_dir)
     odd = np.ascontiguousarray(photo[:37, :51])  # neither side a multiple of the VAE's factor
     for name in OPERATIONS:
+        if any(param.required for param in OPERATIONS[name].params):
+            continue  # the diffusion edits need a model and a prompt; test_diffusion checks their sizes
         steps = parse_chain(name)
         result = run_chain(odd, steps, {"tiny": vae}, with_lpips=False)
         output = result.images["tiny"][0]

@@ -83,6 +83,12 @@ class EditContext:
     step: int = 1
 
 
+# A pre-flight check: called with an operation's resolved parameters and the arms' VAEs by name before
+# a chain's first step. It raises (``ValueError`` or ``reed.models.ModelLoadError``) when the step cannot
+# run, and returns warnings for the result's notes.
+PrepareHook = Callable[[dict[str, Any], dict[str, Any]], list[str]]
+
+
 @dataclass(frozen=True)
 class Operation:
     name: str
@@ -90,6 +96,10 @@ class Operation:
     params: tuple[Param, ...]
     help: str
     uses_vae: bool = False
+    prepare: PrepareHook | None = None
+    # Returns why the operation cannot run with its default parameters (such as a model that is not
+    # available offline), or None when it can. It must be cheap: the app calls it when it starts.
+    unavailable_reason: Callable[[], str | None] | None = None
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -117,12 +127,13 @@ class Operation:
 OPERATIONS: dict[str, Operation] = {}
 
 
-def register(name: str, help: str, params: tuple[Param, ...] = (), uses_vae: bool = False):
+def register(name: str, help: str, params: tuple[Param, ...] = (), uses_vae: bool = False,
+             prepare: PrepareHook | None = None, unavailable_reason: Callable[[], str | None] | None = None):
     """Add the decorated function to ``OPERATIONS`` under ``name``."""
     def decorator(function: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         if name in OPERATIONS:
             raise ValueError(f"Operation '{name}' is registered twice.")
-        OPERATIONS[name] = Operation(name, function, params, help, uses_vae)
+        OPERATIONS[name] = Operation(name, function, params, help, uses_vae, prepare, unavailable_reason)
         return function
     return decorator
 
