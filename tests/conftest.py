@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from PIL import Image
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
@@ -34,6 +35,18 @@ def other_tiny_vae_dir(tmp_path_factory) -> str:
     """A second tiny VAE with different weights and 8 latent channels."""
     folder = tmp_path_factory.mktemp("tiny-vae-8ch")
     make_tiny_vae(seed=1, latent_channels=8).save_pretrained(folder, safe_serialization=True)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> str:
+    """A folder of three 48x40 noisy gradients: training data small enough for a few-second run."""
+    folder = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for index in range(3):
+        gradient = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
+        pixels = np.clip(gradient + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"photo{index}.png")
     return str(folder)
 
 

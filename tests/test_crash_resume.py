@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from reed import train as train_module
@@ -38,15 +36,6 @@ MAX_EXTRA_DELAY_S = 0.08
 PROCESS_TIMEOUT_S = 600
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> str:
-    folder = tmp_path_factory.mktemp("crash-photos")
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        gradient = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
-        pixels = np.clip(gradient + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"photo{index}.png")
-    return str(folder)
 
 
 def _write_config(folder: Path, image_folder: str, steps: int) -> Path:

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from reed import losses, train as train_module
@@ -19,15 +18,6 @@ from tests.conftest import make_tiny_vae
 TINY_MODEL = {"block_out_channels": [8, 16], "norm_num_groups": 8, "latent_channels": 4}
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        gradient = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
-        pixels = np.clip(gradient + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"photo{index}.png")
-    return str(folder)
 
 
 def tiny_config(tmp_path, image_folder, **overrides) -> TrainConfig:

@@ -42,15 +42,6 @@ TINY_MODEL = {"block_out_channels": [8, 16], "norm_num_groups": 8, "latent_chann
 SD_VAE_PARAMETERS = 83_653_863  # AutoencoderKL with stabilityai/sd-vae-ft-mse's config.json
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("photos")
-    rng = np.random.default_rng(0)
-    for index in range(3):
-        gradient = np.linspace(0, 255, 48)[None, :, None] * np.ones((40, 1, 3))
-        pixels = np.clip(gradient + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"photo{index}.png")
-    return str(folder)
 
 
 def tiny_config(output_dir, image_folder, **overrides) -> TrainConfig:
