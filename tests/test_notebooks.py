@@ -31,7 +31,8 @@ NOTEBOOKS = ["01_why_vaes_drift.ipynb", "02_train_a_reed_decoder.ipynb", "03_ana
 COLAB_URL = "https://colab.research.google.com/github/reed-vae/reed/blob/main/notebooks/"
 # Saved notebooks keep their outputs. Above this size they are slow to open on GitHub and to review.
 MAX_SAVED_BYTES = 3_000_000
-# A fast run takes one to two minutes per notebook on two CPU cores; a cell running this long has hung.
+# A fast run takes 10 to 40 seconds per notebook on two idle CPU cores, more on a busy machine.
+# A cell that runs this long has hung.
 CELL_TIMEOUT_SECONDS = 600
 KERNEL_NAME = "reed-notebook-test"
 
@@ -136,7 +137,7 @@ def test_readme_links_every_notebook():
 def kernel_environment(tmp_path, monkeypatch) -> Path:
     """Register a kernel that runs this interpreter, and set the environment the notebooks run in.
 
-    Returns the folder the notebooks run in; files they write (notebook 2 saves a model) land there.
+    Returns the folder the notebooks run in. Files they write (notebook 2 saves a model) land there.
     """
     spec_folder = tmp_path / "jupyter" / "kernels" / KERNEL_NAME
     spec_folder.mkdir(parents=True)
