@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# PSNR of identical images is infinite; JSON cannot hold that, so it is capped here and said so in docs.
+# PSNR of identical images is infinite, which JSON cannot store, so it is capped here (the README states the cap).
 PSNR_CAP = 100.0
 
 

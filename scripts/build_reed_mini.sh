@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-python}
 $PYTHON -m reed train configs/reed-mini-standard.yaml
 
 # 2. Two decoder fine-tunes of that model for the same number of steps: REED loss and single-pass control.
-#    Each config asks for one thread, so the two run side by side on a two-core machine.
+#    Each config sets threads: 1, so the two run side by side on a two-core machine.
 $PYTHON -m reed train configs/reed-mini-reed.yaml > runs/reed-mini-reed.out 2>&1 &
 reed_pid=$!
 $PYTHON -m reed train configs/reed-mini-control.yaml > runs/reed-mini-control.out 2>&1 &

@@ -75,7 +75,7 @@ class Param:
 
 @dataclass
 class EditContext:
-    """What an operation may use besides the image: the arm's VAE, a seeded generator, and files."""
+    """Inputs an operation may use besides the image: the arm's VAE, a seeded generator and the step number."""
 
     vae: Any = None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
