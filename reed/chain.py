@@ -24,6 +24,7 @@ import torch
 
 from reed import metrics, models
 from reed.edits import EditContext, get_operation
+from reed.edits.vae_ops import vae_roundtrip_many
 
 # Longest chain that is run; it bounds the time one request can take.
 MAX_STEPS = 500
@@ -223,17 +224,35 @@ ProgressCallback = Callable[[int, int, str], None]
 
 def run_chain(source: np.ndarray, steps: list[Step], arms: dict[str, Any] | list[str], seed: int = 0,
               image_name: str = "image", progress: ProgressCallback | None = None,
-              with_lpips: bool = True) -> ChainResult:
+              with_lpips: bool = True, tile: int | None = None) -> ChainResult:
     """Run ``steps`` on ``source`` (uint8 RGB) once per arm and measure every step.
 
     ``arms`` maps a display name to a loaded VAE, or lists model references to load. Metrics compare
     each step's image with the source and with that arm's own step-1 output (x1), in [0, 1].
-    ``progress(done, total, message)`` is called after every step of every arm.
+    ``progress(done, total, message)`` is called after every step of every arm. ``tile`` (pixels)
+    makes round trips over larger images run in overlapping tiles (``reed.tiling``).
+    """
+    return run_chains([(image_name, source)], steps, arms, seed, progress, with_lpips, tile)[0]
+
+
+def run_chains(sources: list[tuple[str, np.ndarray]], steps: list[Step], arms: dict[str, Any] | list[str],
+               seed: int = 0, progress: ProgressCallback | None = None, with_lpips: bool = True,
+               tile: int | None = None) -> list[ChainResult]:
+    """Run the same chain on several named sources, as ``run_chain`` does for one.
+
+    Round trips of sources that share a size go through the VAE as one batch, which is faster than one
+    image at a time on most CPUs. Every other operation runs image by image with the seeds it would get
+    alone, so each result matches ``run_chain`` on that source up to the float rounding of a batched
+    convolution (``tests/test_chain.py`` bounds it).
     """
     if not steps:
         raise ValueError("The chain is empty.")
-    if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
-        raise ValueError(f"The source must be a uint8 (H, W, 3) image, got {source.dtype} {source.shape}.")
+    if not sources:
+        raise ValueError("Give at least one source image.")
+    for name, source in sources:
+        if source.dtype != np.uint8 or source.ndim != 3 or source.shape[2] != 3:
+            raise ValueError(f"The source '{name}' must be a uint8 (H, W, 3) image, "
+                             f"got {source.dtype} {source.shape}.")
     vaes = {name: models.load_vae(name) for name in arms} if isinstance(arms, list) else dict(arms)
     if not vaes:
         raise ValueError("Give at least one model to compare.")
@@ -241,39 +260,55 @@ def run_chain(source: np.ndarray, steps: list[Step], arms: dict[str, Any] | list
     notes = _shape_notes(loaded) if any(get_operation(s.op).uses_vae for s in steps) else []
     notes += [note for note in prepare_steps(steps, loaded) if note not in notes]
 
-    source_unit = metrics.to_unit(source)
-    current = {name: source for name in vaes}
-    images: dict[str, list[np.ndarray]] = {name: [] for name in vaes}
-    first: dict[str, torch.Tensor] = {}
-    rows: list[dict[str, Any]] = []
-    total = len(steps) * len(vaes)
+    source_units = [metrics.to_unit(source) for _, source in sources]
+    current = {arm: [source for _, source in sources] for arm in vaes}
+    images = {arm: [[] for _ in sources] for arm in vaes}
+    first: dict[tuple[str, int], torch.Tensor] = {}
+    rows: list[list[dict[str, Any]]] = [[] for _ in sources]
+    batched = len(sources) > 1 and len({source.shape for _, source in sources}) == 1
+    total, done = len(steps) * len(vaes) * len(sources), 0
     for index, step in enumerate(steps, start=1):
         operation = get_operation(step.op)
         seed_value = step_seed(seed, index)
-        for name, vae in vaes.items():
-            context = EditContext(vae=vae, rng=np.random.default_rng(seed_value), seed=seed_value, step=index)
+        for arm, vae in vaes.items():
             started = time.perf_counter()
-            output = operation.function(current[name], context, **step.params)
-            seconds = time.perf_counter() - started
-            if output.shape != source.shape or output.dtype != np.uint8:
-                raise RuntimeError(f"Operation '{step.op}' returned {output.dtype} {output.shape}, "
-                                   f"expected uint8 {source.shape}.")
-            current[name] = output
-            images[name].append(output)
+            if batched and step.op == "roundtrip" and not step.params:
+                outputs = vae_roundtrip_many(vae, current[arm], tile)
+            else:
+                outputs = []
+                for image in current[arm]:
+                    context = EditContext(vae=vae, rng=np.random.default_rng(seed_value), seed=seed_value,
+                                          step=index, tile=tile)
+                    outputs.append(operation.function(image, context, **step.params))
+            seconds = (time.perf_counter() - started) / len(sources)
 
-            unit = metrics.to_unit(output)
-            first.setdefault(name, unit)
-            against_source = metrics.compare(unit, source_unit, with_lpips)
-            against_first = metrics.compare(unit, first[name], with_lpips)
-            rows.append({
-                "image": image_name, "model": name, "step": index, "op": step.op,
-                **{f"{key}_src": value for key, value in against_source.items()},
-                **{f"{key}_x1": value for key, value in against_first.items()},
-                "seconds": seconds,
-            })
-            if progress is not None:
-                progress(len(rows), total, f"{name}: step {index}/{len(steps)} ({step.op})")
-    return ChainResult(image_name, source, list(steps), list(vaes), images, rows, notes)
+            for number, output in enumerate(outputs):
+                image_name, source = sources[number]
+                if output.shape != source.shape or output.dtype != np.uint8:
+                    raise RuntimeError(f"Operation '{step.op}' returned {output.dtype} {output.shape}, "
+                                       f"expected uint8 {source.shape}.")
+                current[arm][number] = output
+                images[arm][number].append(output)
+                unit = metrics.to_unit(output)
+                against_source = metrics.compare(unit, source_units[number], with_lpips)
+                if (arm, number) in first:
+                    against_first = metrics.compare(unit, first[(arm, number)], with_lpips)
+                else:
+                    # Step 1 is x1 itself: the comparison's result is known without computing it.
+                    first[(arm, number)] = unit
+                    against_first = metrics.identical(against_source)
+                rows[number].append({
+                    "image": image_name, "model": arm, "step": index, "op": step.op,
+                    **{f"{key}_src": value for key, value in against_source.items()},
+                    **{f"{key}_x1": value for key, value in against_first.items()},
+                    "seconds": seconds,
+                })
+                done += 1
+                if progress is not None:
+                    progress(done, total, f"{arm}: step {index}/{len(steps)} ({step.op})")
+    return [ChainResult(name, source, list(steps), list(vaes), {arm: images[arm][number] for arm in vaes},
+                        rows[number], list(notes))
+            for number, (name, source) in enumerate(sources)]
 
 
 def prepare_steps(steps: list[Step], vaes: dict[str, Any]) -> list[str]:

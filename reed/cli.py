@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -44,28 +45,64 @@ def _prepare_sources(inputs: list[str], size: int | None) -> list[tuple[str, "np
     return sources
 
 
-def _run_and_report(sources, steps, model_names: list[str], out: Path, seed: int) -> list[dict]:
+@dataclass(frozen=True)
+class EngineOptions:
+    """Speed settings of ``ladder`` and ``chain``: none changes what is computed beyond float rounding."""
+
+    dtype: str = "float32"
+    tile: int | None = None
+    batch: int = 1
+    threads: int | None = None
+
+
+def _engine_options(args: argparse.Namespace) -> EngineOptions:
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}.")
+    return EngineOptions(args.dtype, args.tile, args.batch, args.threads)
+
+
+def _batches(sources: list, size: int) -> list[list]:
+    """Group sources of one shape into batches of at most ``size``, keeping their order within a shape."""
+    by_shape: dict[tuple, list] = {}
+    for source in sources:
+        by_shape.setdefault(source[1].shape, []).append(source)
+    return [group[start:start + size] for group in by_shape.values() for start in range(0, len(group), size)]
+
+
+def _run_and_report(sources, steps, model_names: list[str], out: Path, seed: int,
+                    options: EngineOptions = EngineOptions()) -> list[dict]:
+    import torch
+
     from reed import report
-    from reed.chain import run_chain
+    from reed.chain import run_chains
     from reed.images import save_png
     from reed.models import load_vae
 
-    vaes = {name: load_vae(name) for name in model_names}
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
+    vaes = {name: load_vae(name, dtype=dtype) for name in model_names}
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name, pixels, notes in sources:
-        for note in notes:
-            print(f"{name}: {note}")
-        label = f"{name} ({pixels.shape[1]}x{pixels.shape[0]})"
-        with tqdm(total=len(steps) * len(vaes), desc=label, dynamic_ncols=True) as bar:
-            result = run_chain(pixels, steps, vaes, seed=seed, image_name=name,
-                               progress=lambda done, total, message: bar.update(done - bar.n))
-        for note in result.notes:
-            print(f"{name}: {note}")
-        rows.extend(result.rows)
-        report.save_images(result.images, out, name, [step.op for step in steps])
-        grid = report.image_grid(result.source, result.images)
-        save_png(grid, out / f"grid-{report.safe_name(name)}.png")
+    for batch in _batches(sources, options.batch):
+        for name, _, notes in batch:
+            for note in notes:
+                print(f"{name}: {note}")
+        height, width = batch[0][1].shape[:2]
+        label = ", ".join(name for name, _, _ in batch) + f" ({width}x{height})"
+        with tqdm(total=len(steps) * len(vaes) * len(batch), desc=label, dynamic_ncols=True) as bar:
+            results = run_chains([(name, pixels) for name, pixels, _ in batch], steps, vaes, seed=seed,
+                                 progress=lambda done, total, message: bar.update(done - bar.n),
+                                 tile=options.tile)
+        for result in results:
+            for note in result.notes:
+                print(f"{result.image_name}: {note}")
+            rows.extend(result.rows)
+            report.save_images(result.images, out, result.image_name, [step.op for step in steps])
+            grid = report.image_grid(result.source, result.images)
+            save_png(grid, out / f"grid-{report.safe_name(result.image_name)}.png")
     report.write_metrics(rows, out)
     report.save_figure(report.plot_curves(rows), out / "curves.png")
     _print_summary(rows, len(steps))
@@ -94,7 +131,8 @@ def _ladder(args: argparse.Namespace) -> int:
     if not 1 <= args.cycles <= 500:
         raise ValueError(f"--cycles must be between 1 and 500, got {args.cycles}.")
     steps = parse_chain(f"roundtrip*{args.cycles}")
-    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out), args.seed)
+    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out),
+                    args.seed, _engine_options(args))
     return 0
 
 
@@ -104,7 +142,8 @@ def _chain(args: argparse.Namespace) -> int:
     spec = Path(args.chain).read_text(encoding="utf-8") if args.chain.endswith((".json", ".txt")) else args.chain
     steps = load_chain(spec)
     print(f"Chain ({len(steps)} steps): {chain_to_text(steps)}")
-    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out), args.seed)
+    _run_and_report(_prepare_sources(args.inputs, args.size), steps, _split_models(args.models), Path(args.out),
+                    args.seed, _engine_options(args))
     return 0
 
 
@@ -229,6 +268,19 @@ def _split_models(text: str) -> list[str]:
     return names
 
 
+def _add_engine_arguments(command: argparse.ArgumentParser) -> None:
+    speed = command.add_argument_group("speed", "see benchmarks/README.md for what each setting gains here")
+    speed.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="precision of the VAE computation (default float32; bfloat16 shifts the figures, "
+                            "see benchmarks/README.md)")
+    speed.add_argument("--tile", type=int, metavar="PIXELS",
+                       help="encode and decode images larger than this in overlapping tiles of this size "
+                            "(a multiple of 8), to bound memory on large images")
+    speed.add_argument("--batch", type=int, default=1,
+                       help="round-trip up to this many images of one size together (default 1)")
+    speed.add_argument("--threads", type=int, help="PyTorch CPU threads (default: PyTorch's choice)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m reed",
                                      description="REED-VAE training, edit chains and round-trip metrics.")
@@ -256,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ladder.add_argument("--size", type=int, help=size_help)
     ladder.add_argument("--seed", type=int, default=0)
     ladder.add_argument("--out", default="out/ladder", help="output folder")
+    _add_engine_arguments(ladder)
     ladder.set_defaults(handler=_ladder)
 
     chain = commands.add_parser("chain", help="run an edit chain on images with several models")
@@ -267,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--size", type=int, help=size_help)
     chain.add_argument("--seed", type=int, default=0, help="seed for random edits, the same for every model")
     chain.add_argument("--out", default="out/chain", help="output folder")
+    _add_engine_arguments(chain)
     chain.set_defaults(handler=_chain)
 
     _add_table1_parser(commands)

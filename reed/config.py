@@ -63,6 +63,10 @@ class LossConfig:
     is ordinary single-pass VAE training.
 
     ``latent`` weighs the distance of each cycle's re-encoding from the original image's latent.
+    ``contraction`` weighs how much one decode/encode cycle amplifies a small change of the latent along
+    its most amplified direction, found by ``contraction_iterations`` steps of power iteration; a gain
+    above 1 makes a chain diverge, so gains above ``contraction_target`` are penalised. The change has
+    ``contraction_step`` times the latent's norm.
     ``encoder_anchor`` is a different term, for ``train_encoder: true``: the distance of the trained
     encoder's latent from a frozen copy of the base encoder's, so diffusion models trained on the base's
     latents still understand the new ones. ``adversarial`` weighs a PatchGAN hinge term that starts at
@@ -76,6 +80,10 @@ class LossConfig:
     lpips: float = 0.0
     kl: float = 1e-6
     latent: float = 0.0
+    contraction: float = 0.0
+    contraction_iterations: int = 4
+    contraction_step: float = 0.05
+    contraction_target: float = 0.8
     cycles: int = 1
     cycle_schedule: str = "uniform"
     warmup_cycles: int = 0
@@ -89,12 +97,15 @@ class LossConfig:
     edits: tuple[str, ...] = EDIT_NAMES
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "kl", "latent", "encoder_anchor", "adversarial"):
+        for name in ("l1", "l2", "lpips", "kl", "latent", "contraction", "contraction_iterations",
+                     "contraction_target", "encoder_anchor", "adversarial"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
         if self.l1 + self.l2 + self.lpips <= 0:
             raise ValueError("At least one reconstruction weight (loss.l1, loss.l2, loss.lpips) must be > 0.")
         _positive(self, "cycles")
+        if not self.contraction_step > 0:
+            raise ValueError(f"loss.contraction_step must be > 0, got {self.contraction_step}.")
         if self.cycle_schedule not in CYCLE_SCHEDULES:
             raise ValueError(f"loss.cycle_schedule must be one of {CYCLE_SCHEDULES}, got '{self.cycle_schedule}'.")
         if self.warmup_cycles < 0:

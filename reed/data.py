@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from reed.hub_data import StreamingCrops, hub_dataset_name, is_hub_dataset, open_hub_stream
-from reed.images import load_image
+from reed.images import load_image, random_crop
 
 if TYPE_CHECKING:
     from reed.config import TrainConfig
@@ -146,13 +146,7 @@ class RandomCrops:
         crops = []
         for _ in range(batch_size):
             pixels = self.levels[self.rng.integers(len(self.levels))]
-            height, width = pixels.shape[:2]
-            top = self.rng.integers(height - self.crop_size + 1)
-            left = self.rng.integers(width - self.crop_size + 1)
-            crop = pixels[top:top + self.crop_size, left:left + self.crop_size]
-            if self.rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            crops.append(np.ascontiguousarray(crop))
+            crops.append(random_crop(pixels, self.crop_size, self.rng))
         return crops
 
     def state_dict(self) -> dict:

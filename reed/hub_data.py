@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from reed.images import ImageLoadError, load_image, resize_to_working_size
+from reed.images import ImageLoadError, load_image, random_crop, resize_to_working_size
 
 HUB_PREFIX = "hf:"
 # Examples held in the streaming shuffle buffer; more mixes better but costs memory and start-up time.
@@ -118,14 +118,7 @@ class StreamingCrops:
         return example
 
     def _crop(self, pixels: np.ndarray) -> np.ndarray:
-        pixels = resize_to_working_size(pixels, self.crop_size)
-        height, width = pixels.shape[:2]
-        top = self.rng.integers(height - self.crop_size + 1)
-        left = self.rng.integers(width - self.crop_size + 1)
-        crop = pixels[top:top + self.crop_size, left:left + self.crop_size]
-        if self.rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        return np.ascontiguousarray(crop)
+        return random_crop(resize_to_working_size(pixels, self.crop_size), self.crop_size, self.rng)
 
     def batch(self, batch_size: int) -> list[np.ndarray]:
         crops = []

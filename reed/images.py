@@ -200,6 +200,17 @@ def crop_back(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return pixels[: size[0], : size[1]]
 
 
+def random_crop(pixels: np.ndarray, crop_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Cut a random square of ``crop_size`` from ``pixels`` and flip it horizontally half of the time."""
+    height, width = pixels.shape[:2]
+    top = rng.integers(height - crop_size + 1)
+    left = rng.integers(width - crop_size + 1)
+    crop = pixels[top:top + crop_size, left:left + crop_size]
+    if rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
+
+
 def to_tensor(pixels: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     """Convert uint8 (H, W, 3) arrays to a float32 (N, 3, H, W) tensor in [-1, 1]."""
     batch = np.stack(pixels) if isinstance(pixels, list) else pixels[None]

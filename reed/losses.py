@@ -5,7 +5,8 @@ does. Gradients flow back through every cycle, frozen encoder included, so the d
 produce images that the encoder maps back to latents it decodes well: images that survive round trips.
 With ``cycles=1`` this is the ordinary single-pass VAE loss.
 
-Optional parts, each off by default: ordinary pixel edits between cycles (``reed.augment``), a latent
+Optional parts, each off by default: ordinary pixel edits between cycles (``reed.augment``), a
+contraction term that keeps one cycle from amplifying changes of the latent (``contraction_gain``), a latent
 anchor that keeps a trained encoder near a frozen copy of the original (``FrozenEncoder``), and a
 PatchGAN adversarial term (``reed.discriminator``).
 
@@ -63,6 +64,38 @@ class FrozenEncoder(torch.nn.Module):
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return moments.chunk(2, dim=1)[0]
+
+
+def cycle_map(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
+    """Decode raw latents and encode the result again (posterior mean): one step of a chain, in latent space."""
+    return vae.encode(vae.decode(latents).sample).latent_dist.mode()
+
+
+def contraction_gain(vae: AutoencoderKL, anchor: torch.Tensor, start: torch.Tensor, iterations: int,
+                     step: float) -> torch.Tensor:
+    """Return, per sample, how much one cycle amplifies a small change of ``anchor`` along its worst direction.
+
+    The direction comes from ``iterations`` steps of power iteration without gradients, started at
+    ``start``; the change has ``step`` times the anchor's norm. The returned gain is differentiable in the
+    decoder. A chain's drift grows from step to step where this gain exceeds 1. For reed-mini:standard
+    on four held-out photos at 128x128, one cycle shrinks random changes (gain about 0.48) but
+    amplifies the worst direction by about 1.35 (this function with 25 iterations and step 0.05).
+    The 8-bit rounding between cycles is left out, so this is the linear part of the chain.
+    """
+    dims = tuple(range(1, anchor.ndim))
+
+    def per_sample_norm(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * len(dims))
+
+    size = step * per_sample_norm(anchor)
+    direction = start / per_sample_norm(start)
+    with torch.no_grad():
+        base = cycle_map(vae, anchor)
+        for _ in range(iterations):
+            moved = cycle_map(vae, anchor + size * direction) - base
+            direction = moved / per_sample_norm(moved)
+    moved = cycle_map(vae, anchor + size * direction) - cycle_map(vae, anchor)
+    return per_sample_norm(moved).flatten() / size.flatten()
 
 
 class ReedLoss(torch.nn.Module):
@@ -131,6 +164,7 @@ class ReedLoss(torch.nn.Module):
         kl_loss = images.new_zeros(())
         anchor_loss = images.new_zeros(())
         posterior = vae.encode(current).latent_dist
+        start_latent = posterior.mode().detach()
         if config.encoder_anchor > 0:
             # The trained encoder's latent of the batch, next to the frozen original encoder's.
             anchor_latent = self.anchor_encoder(images)
@@ -168,6 +202,18 @@ class ReedLoss(torch.nn.Module):
                 drift = F.mse_loss(posterior.mode(), reference_latent)
                 latent_terms.append(drift / reference_latent.var().clamp_min(1e-8))
 
+        contraction_loss, gain = images.new_zeros(()), images.new_zeros(())
+        if config.contraction > 0:
+            with torch.no_grad():
+                anchor = vae.encode(target).latent_dist.mode()
+                # Start the power iteration from the chain's own drift when warm-up cycles ran: after
+                # many cycles it already points along the directions that grow fastest.
+                start = (start_latent - anchor) if num_warmup else torch.randn(
+                    anchor.shape, generator=generator, device=anchor.device, dtype=anchor.dtype)
+            gains = contraction_gain(vae, anchor, start, config.contraction_iterations, config.contraction_step)
+            gain = gains.mean()
+            contraction_loss = F.relu(gains - config.contraction_target).pow(2).mean()
+
         l1_loss = torch.stack(l1_terms).mean()
         l2_loss = torch.stack(l2_terms).mean()
         lpips_loss = torch.stack(lpips_terms).mean() if lpips_terms else images.new_zeros(())
@@ -179,7 +225,7 @@ class ReedLoss(torch.nn.Module):
             last_layer = vae.decoder.conv_out.weight
             adversarial_weight = adaptive_weight(reconstruction, adversarial_loss, last_layer)
         loss = (reconstruction + config.kl * kl_loss + config.latent * latent_loss
-                + config.encoder_anchor * anchor_loss
+                + config.contraction * contraction_loss + config.encoder_anchor * anchor_loss
                 + config.adversarial * adversarial_weight * adversarial_loss)
 
         logs = {
@@ -189,6 +235,8 @@ class ReedLoss(torch.nn.Module):
             "lpips": lpips_loss.item(),
             "kl": kl_loss.item(),
             "latent": latent_loss.item(),
+            "contraction": contraction_loss.item(),
+            "contraction_gain": gain.item(),
             "encoder_anchor": anchor_loss.item(),
             "adversarial": adversarial_loss.item(),
             "adversarial_weight": adversarial_weight.item() if generator_terms else 0.0,

@@ -76,3 +76,14 @@ def test_ssim_matches_scikit_image_on_photo():
                                      sigma=1.5, use_sample_covariance=False)
     got = metrics.ssim(torch.from_numpy(photo).permute(2, 0, 1)[None], torch.from_numpy(noisy).permute(2, 0, 1)[None])
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_identical_matches_compare_on_itself():
+    image = torch.rand(1, 3, 24, 32, generator=torch.Generator().manual_seed(3))
+    measured = metrics.compare(image, image, with_lpips=False)
+    known = metrics.identical(measured)
+    assert known["mse"] == measured["mse"] == 0.0
+    assert known["psnr"] == measured["psnr"] == metrics.PSNR_CAP
+    assert known["ssim"] == pytest.approx(measured["ssim"], abs=1e-6)
+    assert known["lpips"] is None
+    assert metrics.identical({"lpips": 0.3})["lpips"] == 0.0

@@ -77,6 +77,37 @@ def test_latent_term_reaches_decoder():
     assert with_latent["encoder.conv_in.weight"] is None
 
 
+def test_contraction_term_reaches_decoder():
+    without = gradients(make_tiny_vae(), LossConfig(l1=1e-12, l2=0.0, kl=0.0), cycles=1)
+    config = LossConfig(l1=1e-12, l2=0.0, kl=0.0, contraction=1.0, contraction_target=0.0)
+    with_contraction = gradients(make_tiny_vae(), config, cycles=1)
+    name = "decoder.conv_out.weight"
+    assert with_contraction[name].abs().sum() > 1e3 * without[name].abs().sum()
+    assert with_contraction["encoder.conv_in.weight"] is None
+
+
+def test_contraction_gain_finds_worst_direction():
+    # Power iteration must find a direction amplified more than random ones are.
+    vae = make_tiny_vae().requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 16, 16, generator=generator) * 2 - 1
+    anchor = vae.encode(images).latent_dist.mode()
+    start = torch.randn(anchor.shape, generator=generator)
+    random_gain = losses.contraction_gain(vae, anchor, start, iterations=0, step=0.05)
+    worst_gain = losses.contraction_gain(vae, anchor, start, iterations=8, step=0.05)
+    assert random_gain.shape == (2,)
+    assert (worst_gain > random_gain).all()
+
+
+def test_contraction_is_logged_and_skipped_at_zero():
+    images = torch.zeros(1, 3, 16, 16)
+    _, logs = ReedLoss(LossConfig(contraction=0.5))(make_tiny_vae(), images, 1, num_warmup=2)
+    assert logs["contraction_gain"] > 0
+    _, logs = ReedLoss(LossConfig())(make_tiny_vae(), images, 1)
+    assert logs["contraction_gain"] == 0.0
+    assert logs["contraction"] == 0.0
+
+
 def test_gradient_flows_through_frozen_encoder(monkeypatch):
     """A second cycle's error must reach the first cycle's decoding through the frozen encoder."""
     config = LossConfig(l1=1.0, l2=1.0, kl=0.0)
@@ -105,6 +136,8 @@ def test_lpips_weight_without_model_rejected():
     ({"steps": 0}, "steps must be a positive integer"),
     ({"crop_size": 20}, "multiples of 8"),
     ({"loss": {"cycles": 0}}, "cycles must be a positive integer"),
+    ({"loss": {"contraction": -1.0}}, "contraction must be >= 0"),
+    ({"loss": {"contraction_step": 0.0}}, "contraction_step must be > 0"),
     ({"loss": {"cycle_schedule": "random"}}, "cycle_schedule must be one of"),
     ({"loss": {"l1": 0, "l2": 0}}, "At least one reconstruction weight"),
     ({"model": {"block_out_channels": [12, 16], "norm_num_groups": 8}}, "divisible by"),

@@ -75,12 +75,15 @@ class Param:
 
 @dataclass
 class EditContext:
-    """Inputs an operation may use besides the image: the arm's VAE, a seeded generator and the step number."""
+    """Inputs an operation may use besides the image: the arm's VAE, a seeded generator, the step number
+    and the tile size in pixels for round trips over larger images (None: whole image). Diffusion edits
+    ignore the tile size and encode the whole image."""
 
     vae: Any = None
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     seed: int = 0
     step: int = 1
+    tile: int | None = None
 
 
 # A pre-flight check: called with an operation's resolved parameters and the arms' VAEs by name before
