@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -102,6 +104,18 @@ def cpu_facts() -> dict:
             facts["amx_bf16"] = "amx_bf16" in flags
             break
     return facts
+
+
+def run_in_fresh_process(script: str | Path, arguments: list[str]) -> dict:
+    """Run ``script`` with ``arguments`` in a new Python process and return the JSON line it prints last.
+
+    Peak memory is only comparable between cases measured in separate processes: the allocator keeps
+    memory that a process freed, so a later case in the same process looks cheaper than it is.
+    """
+    completed = subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{script} {' '.join(arguments)} failed:\n{completed.stderr[-2000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 def write_json(name: str, payload: dict, out: str | None = None) -> Path:

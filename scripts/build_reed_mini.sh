@@ -8,11 +8,15 @@ PYTHON=${PYTHON:-python}
 # 1. The base model, trained from scratch with the single-pass loss.
 $PYTHON -m reed train configs/reed-mini-standard.yaml
 
-# 2. Two decoder fine-tunes of that model for the same number of steps: REED loss and single-pass control.
+# 2. Two decoder fine-tunes of that model with the same steps, crops and learning-rate schedules: the REED
+#    loss and the single-pass control, each in two stages (the second at a lower learning rate).
 #    Each config sets threads: 1, so the two run side by side on a two-core machine.
-$PYTHON -m reed train configs/reed-mini-reed.yaml > runs/reed-mini-reed.out 2>&1 &
+mkdir -p runs
+( $PYTHON -m reed train configs/reed-mini-reed.yaml && $PYTHON -m reed train configs/reed-mini-reed-polish.yaml ) \
+    > runs/reed-mini-reed.out 2>&1 &
 reed_pid=$!
-$PYTHON -m reed train configs/reed-mini-control.yaml > runs/reed-mini-control.out 2>&1 &
+( $PYTHON -m reed train configs/reed-mini-control.yaml && $PYTHON -m reed train configs/reed-mini-control-polish.yaml ) \
+    > runs/reed-mini-control.out 2>&1 &
 control_pid=$!
 wait "$reed_pid"
 wait "$control_pid"

@@ -20,12 +20,15 @@ def run_script(name: str, *arguments: str, tmp_path: Path) -> dict:
 
 
 def test_throughput_smoke(tmp_path):
-    data = run_script("throughput", "--sizes", "32", "--repeats", "1", "--skip-sd", tmp_path=tmp_path)
-    assert {"measured_matmul", "theoretical"} <= set(data["peaks"]["float32"])
+    data = run_script("throughput", "--sizes", "32", "64", "--repeats", "1", "--skip-sd", tmp_path=tmp_path)
+    assert {"matmul", "convolution", "measured", "theoretical"} <= set(data["peaks"]["float32"])
     rows = data["results"]
-    assert [(row["dtype"], row["size"]) for row in rows] == [("float32", 32), ("bfloat16", 32)]
-    assert all(row["gflops"] > 0 and row["seconds"] > 0 for row in rows)
-    assert rows[0]["gflops"] == rows[1]["gflops"]  # the count depends on the shapes, not the precision
+    assert [(row["dtype"], row["size"]) for row in rows] == [
+        ("float32", 32), ("float32", 64), ("bfloat16", 32), ("bfloat16", 64)]
+    assert all(row["seconds"] > 0 for row in rows)
+    # Convolutions cost FLOPs in proportion to the pixels; the mid-block attention adds a little more.
+    ratio = rows[1]["gflops"] / rows[0]["gflops"]
+    assert 4.0 <= ratio < 4.5
 
 
 def test_engine_smoke(tmp_path):
