@@ -2,7 +2,7 @@
 
 Measures, in one run, with both built-in arms (reed-mini:standard and reed-mini:reed) on held-out photos:
 - overhead: the 25-round-trip ladder and the app's "Mixed session" chain through ``reed.chain.run_chain``
-  (metrics included), against the bare encode/decode time of the same number of round trips; the ratio
+  (metrics included), against the bare encode/decode time of the same number of round trips. The ratio
   is the engine's own cost;
 - naive: the same ladder as the usual round-trip script writes it (PIL image to tensor and back every
   step, ``encode``/``decode`` with autograd on, contiguous weights), and our speed as a ratio to it;

@@ -5,7 +5,7 @@ and the results are blended back with weights that ramp linearly across every ov
 on the VAE's downsampling grid, so a pixel tile and its latent tile line up exactly.
 
 NOTE: a tiled round trip is not equal to the whole-image one. GroupNorm computes its statistics over
-one tile instead of the whole image, and the mid-block attention sees only its tile, so colours can
+one tile instead of the whole image, and the mid-block attention covers only its tile, so colours can
 differ slightly between tiles. The overlap blending hides the joins, and ``tests/test_tiling.py``
 checks that no seam shows. Use tiling when the whole image does not fit, not to save time.
 """
