@@ -16,23 +16,20 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
-from reed.chain import parse_chain, run_chain
-from reed.data import held_out_paths
-from reed.edits.vae_ops import vae_roundtrip
-from reed.images import load_image, resize_to_working_size
-from reed.models import load_vae
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import sd_vae  # noqa: E402
+from reed.chain import parse_chain, run_chain  # noqa: E402
+from reed.data import held_out_paths  # noqa: E402
+from reed.edits.vae_ops import vae_roundtrip  # noqa: E402
+from reed.images import load_image, resize_to_working_size  # noqa: E402
+from reed.models import load_vae  # noqa: E402
 
-SD_CONFIG = dict(  # Stable Diffusion 1.x/2.x VAE (as in stabilityai/sd-vae-ft-mse's config.json)
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512, scaling_factor=0.18215,
-)
 
 
 def time_ladder(source, arms: dict, cycles: int) -> float:
@@ -60,8 +57,7 @@ def main() -> None:
 
     photo = load_image(held_out_paths()["astronaut"]).pixels
     builtins = {name: load_vae(name) for name in ("reed-mini:standard", "reed-mini:reed")}
-    torch.manual_seed(0)
-    sd_vae = AutoencoderKL(**SD_CONFIG).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    sd_model = sd_vae()
 
     results = []
     for size in [int(s) for s in args.sizes.split(",")]:
@@ -69,7 +65,7 @@ def main() -> None:
         time_ladder(source, builtins, 1)  # warm-up
         mini_total = time_ladder(source, builtins, args.cycles)
         mini_trip = time_roundtrips(builtins["reed-mini:standard"], source, 3)
-        sd_trip = time_roundtrips(sd_vae, source, args.sd_trips)
+        sd_trip = time_roundtrips(sd_model, source, args.sd_trips)
         sd_total = sd_trip * args.cycles * len(builtins)
         results.append({
             "size": size, "cycles": args.cycles, "arms": len(builtins),

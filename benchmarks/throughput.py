@@ -119,7 +119,7 @@ def main() -> None:
 
     threads = []
     standard = models.load_vae("reed-mini:standard")
-    thread_size = max(args.sizes) if max(args.sizes) < 512 else 512
+    thread_size = min(max(args.sizes), 512)
     for count in sorted({1, cores}):
         torch.set_num_threads(count)
         threads.append({"threads": count, "size": thread_size,

@@ -205,7 +205,7 @@ class ReedLoss(torch.nn.Module):
         contraction_loss, gain = images.new_zeros(()), images.new_zeros(())
         if config.contraction > 0:
             with torch.no_grad():
-                anchor = vae.encode(target).latent_dist.mode()
+                anchor = reference_latent if reference_latent is not None else vae.encode(target).latent_dist.mode()
                 # Start the power iteration from the chain's own drift when warm-up cycles ran: after
                 # many cycles it already points along the directions that grow fastest.
                 start = (start_latent - anchor) if num_warmup else torch.randn(

@@ -47,8 +47,8 @@ def _blend_tiles(source: torch.Tensor, tile: int, overlap: int, scale_num: int, 
                  function) -> torch.Tensor:
     """Apply ``function`` to overlapping tiles of ``source`` and blend the outputs.
 
-    Output tiles are ``scale_num / scale_den`` times the size of input tiles (8/1 for decoding with a
-    factor-8 VAE, 1/8 for encoding); ``tile`` and ``overlap`` are in input units.
+    Output tiles are ``scale_num / scale_den`` times the size of input tiles: 8/1 for decoding with a
+    factor-8 VAE, 1/8 for encoding. ``tile`` and ``overlap`` are in input units.
     """
     height, width = source.shape[-2:]
     rows, columns = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
