@@ -12,8 +12,14 @@ from tqdm.auto import tqdm
 
 def _train(args: argparse.Namespace) -> int:
     from reed.config import TrainConfig
+    from reed.launch import requested_cpu_processes, run_cpu_processes
     from reed.train import train
 
+    count, note = requested_cpu_processes()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    if count:
+        return run_cpu_processes(count, args.argv)
     overrides = {}
     if args.output_dir:
         overrides["output_dir"] = args.output_dir
@@ -163,6 +169,8 @@ def _table1(args: argparse.Namespace) -> int:
     config = table1.Table1Config(editor=args.editor, models=_split_models(args.models), op_params=op_params,
                                  edits=args.edits, snapshots=snapshots, seed=args.seed, size=args.size,
                                  default_mask=args.mask)
+    # Check the published numbers before any model loads or sample runs, so a bad file costs no editing time.
+    reference = table1.load_reference(args.reference, config) if args.reference else None
     out = Path(args.out)
     if args.samples is not None:
         samples = table1.load_manifest(args.samples)[:args.limit]
@@ -177,7 +185,8 @@ def _table1(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
             bar.set_postfix_str(message)
 
-        results = table1.run_table1(samples, vaes, config, out, with_lpips=not args.no_lpips, progress=show_progress)
+        results = table1.run_table1(samples, vaes, config, out, with_lpips=not args.no_lpips, progress=show_progress,
+                                    reference=reference)
     if results["skipped"]:
         print(f"Skipped {len(results['skipped'])} samples finished by an earlier run into {out}.")
     for note in results["notes"]:
@@ -215,6 +224,9 @@ def _add_table1_parser(commands) -> None:
     table.add_argument("--seed", type=int, default=0, help="run seed; each (sample, step) seed derives from it")
     table.add_argument("--no-lpips", action="store_true", help="skip LPIPS (reported as null)")
     table.add_argument("--out", default="out/table1", help="output folder; a rerun into it skips finished samples")
+    table.add_argument("--reference", metavar="FILE",
+                       help="CSV or JSON file of published numbers for the same editor, shown as a second table "
+                            "in table1.md (template: benchmarks/table1_reference_template.json)")
     table.set_defaults(handler=_table1)
 
 
@@ -252,9 +264,16 @@ def _export(args: argparse.Namespace) -> int:
     import torch
 
     from reed.models import load_vae
+    from reed.train import is_checkpoint, load_checkpoint_vae
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    vae = load_vae(args.model, cached=False, channels_last=False).to(dtypes[args.dtype])
+    if is_checkpoint(args.model):
+        vae = load_checkpoint_vae(args.model, args.weights)
+    elif args.weights != "trained":
+        raise ValueError("--weights ema applies to a training checkpoint folder (runs/NAME/checkpoints/step-*).")
+    else:
+        vae = load_vae(args.model, cached=False, channels_last=False)
+    vae = vae.to(dtypes[args.dtype])
     vae.save_pretrained(args.out, safe_serialization=True)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"Wrote {args.out} ({args.dtype}, {size / 1e6:.1f} MB of weights)")
@@ -331,10 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     photos.set_defaults(handler=_photos)
 
     export = commands.add_parser("export", help="re-save a VAE as a diffusers folder with safetensors weights")
-    export.add_argument("model", help="model reference: built-in name, folder or hub id")
+    export.add_argument("model", help="model reference: built-in name, folder, hub id, or a training "
+                        "checkpoint folder (runs/NAME/checkpoints/step-*)")
     export.add_argument("out", help="output folder")
     export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                         help="storage precision of the weights; loading converts them back to float32")
+    export.add_argument("--weights", choices=("trained", "ema"), default="trained",
+                        help="for a checkpoint folder: the weights at that step, or their moving average")
     export.set_defaults(handler=_export)
 
     commands.add_parser("models", help="list the built-in models").set_defaults(handler=_models)
@@ -344,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

@@ -11,6 +11,7 @@ import yaml
 
 CYCLE_SCHEDULES = ("fixed", "uniform", "grow")
 EDIT_NAMES = ("crop", "resize", "color", "jpeg", "blur")  # the keys of reed.augment.EDITS
+CROP_AUGMENTS = ("rotate", "recolor")  # the names reed.images.augment_crop understands
 MIXED_PRECISION = ("no", "fp16", "bf16")
 FINAL_WEIGHTS = ("trained", "ema")
 
@@ -162,6 +163,7 @@ class TrainConfig:
     dataset_split: str = "train"
     dataset_image_column: str = "image"
     crop_size: int = 128
+    augment: tuple[str, ...] = ()
     batch_size: int = 8
     learning_rate: float = 1e-3
     warmup_steps: int = 100
@@ -207,6 +209,12 @@ class TrainConfig:
             raise ValueError("train_encoder: false needs a base model to take the frozen encoder from.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}.")
+        if isinstance(self.augment, str):
+            raise ValueError(f"augment must be a list of names, got the string '{self.augment}'.")
+        self.augment = tuple(self.augment)
+        unknown = [name for name in self.augment if name not in CROP_AUGMENTS]
+        if unknown:
+            raise ValueError(f"augment: unknown {unknown}; choose from {list(CROP_AUGMENTS)}.")
         self._check_training_options()
 
     def _check_training_options(self) -> None:
@@ -236,6 +244,7 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         data["model"]["block_out_channels"] = list(self.model.block_out_channels)
         data["loss"]["edits"] = list(self.loss.edits)
+        data["augment"] = list(self.augment)
         return data
 
     @classmethod

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from reed.hub_data import StreamingCrops, hub_dataset_name, is_hub_dataset, open_hub_stream
-from reed.images import load_image, random_crop
+from reed.images import augment_crop, load_image, random_crop
 
 if TYPE_CHECKING:
     from reed.config import TrainConfig
@@ -111,22 +111,23 @@ def make_crops(config: "TrainConfig", process_index: int = 0,
         open_stream = functools.partial(open_hub_stream, hub_dataset_name(config.data), config.dataset_split,
                                         config.seed, process_index, num_processes)
         return StreamingCrops(lambda skip: open_stream(skip=skip), config.dataset_image_column,
-                              config.crop_size, seed=seed)
-    return RandomCrops(training_paths(config.data), config.crop_size, seed=seed)
+                              config.crop_size, seed=seed, augments=config.augment)
+    return RandomCrops(training_paths(config.data), config.crop_size, seed=seed, augments=config.augment)
 
 
 class RandomCrops:
     """An endless stream of random square crops, flipped at random, from a list of photos.
 
     Each photo is kept at a few scales (full, 3/4, 1/2, 1/3), so a crop sees anything from fine texture
-    to a whole object. The stream is driven by one numpy Generator whose state is part of every
+    to a whole object. ``augments`` names extra random changes of each crop (``reed.images.augment_crop``). The stream is driven by one numpy Generator whose state is part of every
     checkpoint, so a resumed run sees the same crops as an uninterrupted one.
     """
 
     SCALES = (1.0, 0.75, 0.5, 1 / 3)
 
-    def __init__(self, paths: list[Path], crop_size: int, seed: int):
+    def __init__(self, paths: list[Path], crop_size: int, seed: int, augments: tuple[str, ...] = ()):
         self.crop_size = crop_size
+        self.augments = tuple(augments)
         self.rng = np.random.default_rng(seed)
         self.levels: list[np.ndarray] = []
         for path in paths:
@@ -146,7 +147,8 @@ class RandomCrops:
         crops = []
         for _ in range(batch_size):
             pixels = self.levels[self.rng.integers(len(self.levels))]
-            crops.append(random_crop(pixels, self.crop_size, self.rng))
+            crop = random_crop(pixels, self.crop_size, self.rng)
+            crops.append(augment_crop(crop, self.augments, self.rng) if self.augments else crop)
         return crops
 
     def state_dict(self) -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from reed.images import ImageLoadError, load_image, random_crop, resize_to_working_size
+from reed.images import ImageLoadError, augment_crop, load_image, random_crop, resize_to_working_size
 
 HUB_PREFIX = "hf:"
 # Examples held in the streaming shuffle buffer; more mixes better but costs memory and start-up time.
@@ -94,8 +94,10 @@ class StreamingCrops:
     sequence every time it is called. The stream is reopened when it runs out (the next epoch).
     """
 
-    def __init__(self, open_stream: Callable[[int], Iterable[dict]], image_column: str, crop_size: int, seed: int):
+    def __init__(self, open_stream: Callable[[int], Iterable[dict]], image_column: str, crop_size: int, seed: int,
+                 augments: tuple[str, ...] = ()):
         self.open_stream = open_stream
+        self.augments = tuple(augments)
         self.image_column = image_column
         self.crop_size = crop_size
         self.rng = np.random.default_rng(seed)
@@ -118,7 +120,8 @@ class StreamingCrops:
         return example
 
     def _crop(self, pixels: np.ndarray) -> np.ndarray:
-        return random_crop(resize_to_working_size(pixels, self.crop_size), self.crop_size, self.rng)
+        crop = random_crop(resize_to_working_size(pixels, self.crop_size), self.crop_size, self.rng)
+        return augment_crop(crop, self.augments, self.rng) if self.augments else crop
 
     def batch(self, batch_size: int) -> list[np.ndarray]:
         crops = []

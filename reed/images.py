@@ -211,6 +211,46 @@ def random_crop(pixels: np.ndarray, crop_size: int, rng: np.random.Generator) ->
     return np.ascontiguousarray(crop)
 
 
+RECOLOR_PROBABILITY = 0.5  # half the crops keep their true colours, so the photos' own palette still dominates
+RECOLOR_SATURATION = (0.6, 1.4)
+TINT_CHROMA = 0.12  # largest chroma (YIQ units, pixels in [0, 1]) given to a grey crop
+
+
+def augment_crop(crop: np.ndarray, augments: tuple[str, ...], rng: np.random.Generator) -> np.ndarray:
+    """Apply the named crop augmentations (``reed.config.CROP_AUGMENTS``) to a uint8 (S, S, 3) square crop.
+
+    ``rotate`` turns the crop by a random multiple of 90 degrees. ``recolor`` (on half the crops) turns the
+    hue by a random angle and scales the saturation. A grey crop has no hue to turn, so it gets a random
+    tint that varies with brightness instead. Both multiply the variety of a small photo set: seven of the
+    bundled training photos are grey, while the photos users bring are mostly in colour.
+    """
+    if "rotate" in augments:
+        crop = np.rot90(crop, k=int(rng.integers(4)))
+    if "recolor" in augments and rng.random() < RECOLOR_PROBABILITY:
+        crop = _recolor(crop, rng)
+    return np.ascontiguousarray(crop)
+
+
+# RGB <-> YIQ: Y is brightness, (I, Q) a plane of chroma where a rotation turns the hue.
+_RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def _recolor(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    yiq = (crop.astype(np.float64) / 255.0) @ _RGB_TO_YIQ.T
+    luma, chroma = yiq[..., 0], yiq[..., 1:]
+    if np.abs(chroma).max() < 0.02:
+        # A grey crop: chroma = a + b * (brightness - 0.5), a duotone from a random dark to a random light tint.
+        base, slope = rng.uniform(-TINT_CHROMA, TINT_CHROMA, size=(2, 2))
+        chroma = base + slope * (luma[..., None] - 0.5)
+    else:
+        angle = rng.uniform(0.0, 2.0 * np.pi)
+        rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        chroma = rng.uniform(*RECOLOR_SATURATION) * chroma @ rotation.T
+    rgb = np.concatenate([luma[..., None], chroma], axis=-1) @ _YIQ_TO_RGB.T
+    return (rgb.clip(0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
 def to_tensor(pixels: np.ndarray | list[np.ndarray]) -> torch.Tensor:
     """Convert uint8 (H, W, 3) arrays to a float32 (N, 3, H, W) tensor in [-1, 1]."""
     batch = np.stack(pixels) if isinstance(pixels, list) else pixels[None]

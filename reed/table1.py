@@ -15,6 +15,10 @@ Files under ``out``: ``config.json`` (the settings, checked when a run resumes),
 ``samples/NAME/source.png``, ``samples/NAME/MODEL/step-NN.png`` for each snapshot, and
 ``samples/NAME/sample.json`` (that sample's rows, written last, so its presence marks the sample as
 finished), then ``metrics.json``, ``table1.md`` and ``table1.csv`` for all finished samples.
+
+A file of published numbers for the same editor (``load_reference``) adds a second table to ``table1.md``
+and a ``reference`` entry to ``metrics.json``. The repository ships no such numbers, only an empty
+template, because the paper's Table 1 could not be checked while this module was written.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from reed.chain import Step, run_chain
 from reed.edits import get_operation
 from reed.edits.diffusion import RECTANGLE
 from reed.images import load_image, resize_to_working_size, save_png
+from reed.table1_reference import SUMMARY_METRICS, PublishedNumbers, check_reference_fits, load_reference
 
 EDITORS = ("ip2p", "inpaint", "pbe")
 TEXT_GUIDED_EDITORS = ("ip2p",)
@@ -44,7 +49,6 @@ DEFAULT_EDITS = 25
 DEFAULT_SNAPSHOTS = (1, 5, 15, 25)
 MANIFEST_NAMES = ("manifest.csv", "manifest.json")
 MANIFEST_COLUMNS = ("image", "mask", "instruction", "reverse_instruction", "reference", "name")
-SUMMARY_METRICS = ("mse", "psnr", "ssim", "lpips", "fid")
 # Column headers of the table, with the direction in which each metric is better.
 METRIC_HEADERS = {"mse": "MSE ↓", "psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "fid": "FID ↓"}
 
@@ -380,8 +384,36 @@ def _format(value: float | None, metric: str) -> str:
     return f"{value:.4f}"
 
 
+def _published_lines(reference: dict[str, Any], steps: Sequence[int], headers: Sequence[str]) -> list[str]:
+    """Render published numbers in the layout of this run's table, with one row per model and table step."""
+    rows = {(row["model"], row["step"]): row for row in reference["rows"]}
+    models = list(dict.fromkeys(row["model"] for row in reference["rows"]))
+    lines = [
+        f"## Published numbers (source: {reference['source']})",
+        "",
+        f"These numbers for the {reference['editor']} editor come from {Path(reference['file']).name} and were not "
+        "measured by this run. Values keep up to 6 significant digits, and — marks a value that the file does not "
+        "give.",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
+    for model in models:
+        for step in steps:
+            row = rows.get((model, step), {})
+            values = ["—" if row.get(metric) is None else f"{row[metric]:g}" for metric in SUMMARY_METRICS]
+            cells = [model.replace("|", "\\|"), str(step), *values]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_table(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
-    """Write ``table1.md`` and ``table1.csv``: one row per model and snapshot step after step 1."""
+    """Write ``table1.md`` and ``table1.csv``: one row per model and snapshot step after step 1.
+
+    When ``results`` has a ``reference`` entry (see ``PublishedNumbers.to_json``), ``table1.md`` shows
+    those published numbers in a second table with the same columns and steps. ``table1.csv`` contains
+    this run's numbers only.
+    """
     config = results["config"]
     entries = [entry for entry in results["summary"] if entry["step"] > 1]
     headers = ["VAE", "step", *(METRIC_HEADERS[metric] for metric in SUMMARY_METRICS)]
@@ -399,6 +431,9 @@ def write_table(results: dict[str, Any], out: Path) -> tuple[Path, Path]:
         cells = [entry["model"], str(entry["step"]), *(_format(entry[metric], metric) for metric in SUMMARY_METRICS)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [""] + [f"- {note}" for note in results["notes"]]
+    if results.get("reference") is not None:
+        steps = [step for step in config["snapshots"] if step > 1]
+        lines += ["", *_published_lines(results["reference"], steps, headers)]
     markdown = out / "table1.md"
     markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -417,14 +452,22 @@ ProgressCallback = Callable[[int, int, str], None]
 
 def run_table1(samples: Sequence[Sample], vaes: dict[str, Any], config: Table1Config, out: str | Path,
                with_lpips: bool = True, progress: ProgressCallback | None = None,
-               features: fid_module.FeatureExtractor | None = None) -> dict[str, Any]:
+               features: fid_module.FeatureExtractor | None = None,
+               reference: str | Path | PublishedNumbers | None = None) -> dict[str, Any]:
     """Run the benchmark, skipping samples finished by an earlier run into ``out``, and write every file.
 
     ``vaes`` maps each name in ``config.models`` to a loaded VAE. ``progress(done, total, message)`` is
-    called after each sample. Returns the content of ``metrics.json`` plus ``skipped``, the names of
-    the samples that an earlier run had finished.
+    called after each sample. ``reference`` is a file of published numbers for the same editor (see
+    ``load_reference``), or the numbers already loaded. They are checked before any sample runs, shown
+    as a second table in ``table1.md`` and stored under ``reference`` in ``metrics.json``. They do not
+    affect the edits, so a resumed run may give another file. Returns the content of ``metrics.json``
+    plus ``skipped``, the names of the samples that an earlier run had finished.
     """
     out = Path(out)
+    if isinstance(reference, PublishedNumbers):
+        check_reference_fits(reference, config)
+    elif reference is not None:
+        reference = load_reference(reference, config)
     if list(vaes) != list(config.models):
         raise ValueError(f"The VAEs {list(vaes)} do not match the configured models {config.models}.")
     _check_unique_names(samples, "the sample list")
@@ -446,6 +489,8 @@ def run_table1(samples: Sequence[Sample], vaes: dict[str, Any], config: Table1Co
             progress(index, len(samples), f"{sample.name}: {status}")
 
     results = summarize(config, samples, records, out, features)
+    if reference is not None:
+        results["reference"] = reference.to_json()
     _write_json(results, out / "metrics.json")
     write_table(results, out)
     return {**results, "skipped": skipped}

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from reed import metrics
-from reed.config import TrainConfig
+from reed.config import FINAL_WEIGHTS, TrainConfig
 from reed.data import RandomCrops, make_crops
 from reed.discriminator import NLayerDiscriminator, discriminator_loss
 from reed.ema import NamedEMA
@@ -194,6 +194,41 @@ def save_checkpoint(folder: Path, step: int, state: TrainingState, config: Train
     for old in sorted(p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))[:-config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / "state.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def load_checkpoint_vae(folder: str | Path, weights: str = "trained") -> AutoencoderKL:
+    """Build the model saved in a training checkpoint folder (``step-*``), for evaluation or export.
+
+    ``weights`` is ``trained`` (the weights at that step) or ``ema`` (their moving average). The
+    architecture and latent factors come from the run's base model, or from ``model`` for a run from
+    scratch. A run from scratch calibrates its latent factors only when it finishes, so its mid-run
+    checkpoints keep the default ``scaling_factor``.
+    """
+    folder = Path(folder)
+    if weights not in FINAL_WEIGHTS:
+        raise ValueError(f"weights must be one of {FINAL_WEIGHTS}, got '{weights}'.")
+    if not is_checkpoint(folder):
+        raise FileNotFoundError(f"{folder} is not a training checkpoint (state.json and model.safetensors).")
+    meta = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+    config = TrainConfig(**meta["config"])
+    vae = build_vae(config)
+    vae.load_state_dict(load_file(folder / "model.safetensors"))
+    if weights == "ema":
+        if not (folder / "ema.safetensors").is_file():
+            raise FileNotFoundError(f"EMA weights not found in {folder}: the run had no ema_decay. "
+                                    "Export the trained weights instead.")
+        averaged = load_file(folder / "ema.safetensors")
+        with torch.no_grad():
+            for name, parameter in vae.named_parameters():
+                if name in averaged:
+                    parameter.copy_(averaged[name])
+    vae.requires_grad_(False)
+    return vae.eval()
 
 
 def restore_checkpoint(found: Path, state: TrainingState, process_index: int, num_processes: int) -> tuple[int, str | None]:

@@ -5,12 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 
-# 1. The base model, trained from scratch with the single-pass loss.
+# 1. The base model, trained from scratch with the single-pass loss, then installed as reed-mini:standard,
+#    stored in float16 to halve its size (loading converts it back to float32).
 $PYTHON -m reed train configs/reed-mini-standard.yaml
+$PYTHON -m reed export runs/reed-mini-standard/model reed/assets/reed-mini/standard --dtype float16
 
-# 2. Two decoder fine-tunes of that model with the same steps, crops and learning-rate schedules: the REED
-#    loss and the single-pass control, each in two stages (the second at a lower learning rate).
-#    Each config sets threads: 1, so the two run side by side on a two-core machine.
+# 2. Two decoder fine-tunes of the installed reed-mini:standard with the same steps, crops, augmentation
+#    and learning-rate schedules: the REED loss and the single-pass control, each in two stages (the
+#    second at a lower learning rate). Each config sets threads: 1, so the two run side by side on a
+#    two-core machine.
 mkdir -p runs
 ( $PYTHON -m reed train configs/reed-mini-reed.yaml && $PYTHON -m reed train configs/reed-mini-reed-polish.yaml ) \
     > runs/reed-mini-reed.out 2>&1 &
@@ -21,9 +24,9 @@ control_pid=$!
 wait "$reed_pid"
 wait "$control_pid"
 
-# 3. Install the final diffusers folders as the built-in models, stored in float16 to halve their size
-#    (loading converts them back to float32; the figures below are measured on the stored weights).
-for variant in standard reed control; do
+# 3. Install the fine-tuned decoders as built-in models, also in float16 (the figures below are measured
+#    on the stored weights).
+for variant in reed control; do
     $PYTHON -m reed export runs/reed-mini-$variant/model reed/assets/reed-mini/$variant --dtype float16
 done
 

@@ -426,6 +426,216 @@ def test_table1_config_validation(kwargs, fragment):
         table1.Table1Config(**settings)
 
 
+# table1 published numbers
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "benchmarks" / "table1_reference_template.json"
+PUBLISHED = {
+    "source": "Test source, Table 1, InstructPix2Pix rows",
+    "editor": "ip2p",
+    "rows": [
+        {"model": "REED-VAE", "step": 3, "psnr": 30.5},
+        {"model": "REED-VAE", "step": 5, "mse": 0.00125, "psnr": 27.125, "ssim": 0.8125, "lpips": None, "fid": 12.5},
+        {"model": "Vanilla VAE", "step": 5, "psnr": 21.25},
+    ],
+}
+
+
+def published(**changes) -> dict:
+    """Return a copy of PUBLISHED with top-level keys, or with ``row`` merged into its first row, changed."""
+    data = copy.deepcopy(PUBLISHED)
+    data["rows"][0].update(changes.pop("row", {}))
+    data.update(changes)
+    return data
+
+
+def write_published(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_table1_cli_writes_published_table(tmp_path, samples_dir, arm_dirs, pipeline_dirs):
+    out = tmp_path / "table1"
+    reference = write_published(tmp_path / "published.json", PUBLISHED)
+    models = [arm_dirs["vae-a"], arm_dirs["vae-b"]]
+    argv = ["table1", str(samples_dir), "--models", ",".join(models), "--editor", "ip2p",
+            "--model", pipeline_dirs["ip2p"], "--edits", "5", "--snapshots", "1,3,5", "--steps-per-edit", "2",
+            "--size", "32", "--no-lpips", "--out", str(out), "--reference", str(reference)]
+
+    assert main(argv) == 0
+
+    markdown = (out / "table1.md").read_text(encoding="utf-8")
+    ours, _, theirs = markdown.partition("## Published numbers (source: Test source, Table 1, InstructPix2Pix rows)")
+    assert theirs, markdown
+    assert f"| {models[0]} | 5 |" in ours
+    assert "| REED-VAE | 3 | — | 30.5 | — | — | — |" in theirs
+    assert "| REED-VAE | 5 | 0.00125 | 27.125 | 0.8125 | — | 12.5 |" in theirs
+    assert "| Vanilla VAE | 3 | — | — | — | — | — |" in theirs
+    assert "| Vanilla VAE | 5 | — | 21.25 | — | — | — |" in theirs
+    assert ours.count("| VAE | step |") == theirs.count("| VAE | step |") == 1
+
+    results = json.loads((out / "metrics.json").read_text())
+    assert results["reference"]["source"] == PUBLISHED["source"]
+    assert results["reference"]["editor"] == "ip2p"
+    assert results["reference"]["file"] == str(reference)
+    assert results["reference"]["rows"][1] == {"model": "REED-VAE", "step": 5, "mse": 0.00125, "psnr": 27.125,
+                                               "ssim": 0.8125, "lpips": None, "fid": 12.5}
+    assert results["reference"]["rows"][0]["fid"] is None
+
+    csv_models = [line.split(",")[0] for line in (out / "table1.csv").read_text().splitlines()[1:]]
+    assert csv_models == [models[0], models[0], models[1], models[1]]
+
+
+def test_table1_reference_csv_matches_json(tmp_path):
+    config = table1.Table1Config(editor="ip2p", models=["a", "b"], edits=5, snapshots=(1, 3, 5))
+    path = tmp_path / "published.csv"
+    path.write_text(
+        "\ufeffsource,editor,model,step,mse,psnr,ssim,lpips,fid\n"
+        '"Test source, Table 1, InstructPix2Pix rows",ip2p,REED-VAE,3,,30.5,,,\n'
+        '"Test source, Table 1, InstructPix2Pix rows",ip2p,REED-VAE,5,0.00125,27.125,0.8125,,12.5\n'
+        '"Test source, Table 1, InstructPix2Pix rows",ip2p,Vanilla VAE, 5 ,,21.25,,,\n', encoding="utf-8")
+
+    from_csv = table1.load_reference(path, config)
+    from_json = table1.load_reference(write_published(tmp_path / "published.json", PUBLISHED), config)
+
+    assert from_csv.rows == from_json.rows
+    assert from_csv.source == from_json.source == PUBLISHED["source"]
+    assert from_csv.editor == "ip2p"
+
+
+def test_table1_reference_template_needs_numbers(tmp_path):
+    config = table1.Table1Config(editor="ip2p", models=["a", "b"])
+    template = json.loads(TEMPLATE.read_text(encoding="utf-8"))
+    assert all(row[metric] is None for row in template["rows"] for metric in table1.SUMMARY_METRICS)
+
+    with pytest.raises(ValueError, match="template's placeholder"):
+        table1.load_reference(TEMPLATE, config)
+
+    template["source"] = "Test source"
+    with pytest.raises(ValueError, match="contains no numbers"):
+        table1.load_reference(write_published(tmp_path / "unfilled.json", template), config)
+
+    template["rows"][0]["psnr"] = 25.0
+    filled = table1.load_reference(write_published(tmp_path / "filled.json", template), config)
+    assert [(row.model, row.step) for row in filled.rows] == [
+        (model, step) for model in ("Vanilla VAE", "REED-VAE") for step in (5, 15, 25)]
+
+
+@pytest.mark.parametrize("name, kind, content, error, fragment", [
+    ("unknown-metric.json", "json", published(row={"clip": 0.3}), ValueError, r"rows\[0\]: unknown fields \['clip'\]"),
+    ("unknown-metric.csv", "text", "source,editor,model,step,clip\nS,ip2p,REED-VAE,5,0.3\n", ValueError,
+     r"unknown columns \['clip'\]"),
+    ("text-value.json", "json", published(row={"psnr": "27.1"}), ValueError, "psnr '27.1' is not a finite number"),
+    ("bool-value.json", "json", published(row={"ssim": True}), ValueError, "ssim True is not a finite number"),
+    ("nan-value.json", "text", '{"source": "S", "editor": "ip2p", "rows": [{"model": "M", "step": 5, "psnr": NaN}]}',
+     ValueError, "psnr nan is not a finite number"),
+    ("text-value.csv", "text", "source,editor,model,step,psnr\nS,ip2p,REED-VAE,5,n/a\n", ValueError,
+     "line 2: psnr 'n/a' is not a number"),
+    ("text-step.csv", "text", "source,editor,model,step,psnr\nS,ip2p,REED-VAE,five,20\n", ValueError,
+     "line 2: step 'five' is not an integer"),
+    ("no-source.json", "json", {key: value for key, value in PUBLISHED.items() if key != "source"}, ValueError,
+     "missing source"),
+    ("no-source.csv", "text", "source,editor,model,step,psnr\n,ip2p,REED-VAE,5,20\n", ValueError, "missing source"),
+    ("mixed-source.csv", "text", "source,editor,model,step,psnr\nA,ip2p,M,5,20\nB,ip2p,N,5,21\n", ValueError,
+     "same value on every row"),
+    ("no-step-column.csv", "text", "source,editor,model,psnr\nS,ip2p,M,20\n", ValueError,
+     r"missing columns \['step'\]"),
+    ("unknown-step.json", "json", published(row={"step": 10}), ValueError,
+     r"rows\[0\]: step 10 is not a step of this run's table \[3, 5\]"),
+    ("first-step.json", "json", published(row={"step": 1}), ValueError, "step 1 is not a step of this run's table"),
+    ("wrong-editor.json", "json", published(editor="inpaint"), ValueError,
+     "editor is 'inpaint' but this run uses 'ip2p'"),
+    ("no-editor.json", "json", published(editor=None), ValueError, "missing editor"),
+    ("duplicate.json", "json", published(row={"step": 5}), ValueError,
+     "model 'REED-VAE' has more than one row for step 5"),
+    ("no-model.json", "json", published(row={"model": " "}), ValueError, "model must be a non-empty name"),
+    ("extra-key.json", "json", published(notes="x"), ValueError, r"unknown keys \['notes'\]"),
+    ("rows-object.json", "json", published(rows={"model": "M"}), ValueError, "must be a list of objects"),
+    ("broken.json", "text", '{"source": "S",', ValueError, "invalid JSON"),
+    ("numbers.txt", "text", "S", ValueError, r"must end in \.csv or \.json"),
+    ("latin-1.csv", "bytes", "source,editor,model,step\nS\xe9,ip2p,M,5\n".encode("latin-1"), ValueError,
+     "Could not read"),
+    ("folder.json", "folder", None, ValueError, "Could not read"),
+    ("missing.json", "missing", None, FileNotFoundError, "not found"),
+])
+def test_table1_rejects_bad_reference(name, kind, content, error, fragment, tmp_path, samples_dir, monkeypatch):
+    monkeypatch.setattr(table1, "_run_sample", lambda *args: pytest.fail("no sample may run"))
+    path = tmp_path / name
+    if kind == "json":
+        path.write_text(json.dumps(content), encoding="utf-8")
+    elif kind == "text":
+        path.write_text(content, encoding="utf-8")
+    elif kind == "bytes":
+        path.write_bytes(content)
+    elif kind == "folder":
+        path.mkdir()
+    arms = {"a": make_tiny_vae(seed=0), "b": make_tiny_vae(seed=2)}
+    config = table1.Table1Config(editor="ip2p", models=list(arms), edits=5, snapshots=(1, 3, 5), size=32)
+    out = tmp_path / "out"
+
+    with pytest.raises(error, match=fragment) as raised:
+        table1.run_table1(table1.load_manifest(samples_dir), arms, config, out, with_lpips=False, reference=path)
+
+    assert str(path) in str(raised.value)
+    assert not (out / "samples").exists()
+    assert not (out / "config.json").exists()
+
+
+def test_table1_cli_checks_reference_before_models(tmp_path, samples_dir, capsys):
+    reference = write_published(tmp_path / "published.json", published(editor="pbe"))
+    out = tmp_path / "table1"
+    argv = ["table1", str(samples_dir), "--models", f"{tmp_path / 'no-vae-a'},{tmp_path / 'no-vae-b'}",
+            "--editor", "ip2p", "--out", str(out), "--reference", str(reference)]
+
+    assert main(argv) == 2
+
+    assert "editor is 'pbe' but this run uses 'ip2p'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_table1_resume_accepts_other_reference(tmp_path, samples_dir, monkeypatch):
+    calls = []
+
+    def fake_run_sample(sample, vaes, config, out, with_lpips):
+        calls.append(sample.name)
+        rows = [{"image": sample.name, "model": model, "step": step, "mse_x1": 0.01, "psnr_x1": 20.0,
+                 "ssim_x1": 0.5, "lpips_x1": None} for model in vaes for step in config.snapshots]
+        record = {"sample": sample.name, "rows": rows, "notes": []}
+        folder = Path(out) / "samples" / sample.name
+        folder.mkdir(parents=True)
+        (folder / "sample.json").write_text(json.dumps(record))
+        return record
+
+    monkeypatch.setattr(table1, "_run_sample", fake_run_sample)
+    arms = {"a": make_tiny_vae(seed=0), "b": make_tiny_vae(seed=2)}
+    config = table1.Table1Config(editor="ip2p", models=list(arms), edits=5, snapshots=(1, 3, 5), size=32)
+    samples = table1.load_manifest(samples_dir)
+    first_file = write_published(tmp_path / "first.json", published(source="First source"))
+    second_file = write_published(tmp_path / "second.json", published(source="Second source"))
+
+    first = table1.run_table1(samples, arms, config, tmp_path / "out", with_lpips=False, reference=first_file)
+    second = table1.run_table1(samples, arms, config, tmp_path / "out", with_lpips=False, reference=second_file)
+    third = table1.run_table1(samples, arms, config, tmp_path / "out", with_lpips=False)
+
+    assert calls == ["left", "right"]
+    assert first["reference"]["source"] == "First source"
+    assert second["skipped"] == ["left", "right"]
+    assert second["reference"]["source"] == "Second source"
+    assert "reference" not in third
+    assert "Published numbers" not in (tmp_path / "out" / "table1.md").read_text(encoding="utf-8")
+
+
+def test_table1_loaded_reference_wrong_editor(tmp_path, samples_dir, monkeypatch):
+    monkeypatch.setattr(table1, "_run_sample", lambda *args: pytest.fail("no sample may run"))
+    arms = {"a": make_tiny_vae(seed=0), "b": make_tiny_vae(seed=2)}
+    inpaint = table1.Table1Config(editor="inpaint", models=list(arms), edits=5, snapshots=(1, 3, 5))
+    ip2p = table1.Table1Config(editor="ip2p", models=list(arms), edits=5, snapshots=(1, 3, 5))
+    numbers = table1.load_reference(write_published(tmp_path / "inpaint.json", published(editor="inpaint")), inpaint)
+
+    with pytest.raises(ValueError, match="for the inpaint editor, but this run uses ip2p"):
+        table1.run_table1(table1.load_manifest(samples_dir), arms, ip2p, tmp_path / "out", reference=numbers)
+    assert not (tmp_path / "out").exists()
+
+
 def test_frechet_distance_known_values():
     rng = np.random.default_rng(0)
     features = rng.normal(size=(500, 3))

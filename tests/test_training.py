@@ -143,6 +143,8 @@ def test_lpips_weight_without_model_rejected():
     ({"model": {"block_out_channels": [12, 16], "norm_num_groups": 8}}, "divisible by"),
     ({"train_encoder": False}, "needs a base model"),
     ({"learning_rat": 1.0}, "Unknown config keys"),
+    ({"augment": ["rotate", "mirror"]}, "augment: unknown"),
+    ({"augment": "rotate"}, "must be a list of names"),
 ])
 def test_invalid_config_rejected(tmp_path, image_folder, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -253,3 +255,59 @@ def test_interrupted_checkpoint_keeps_previous(tmp_path, image_folder, monkeypat
     monkeypatch.setattr(train_module, "save_file", real_save)
     final = train_module.train(config)
     assert (final / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_crop_augments_rotate_and_recolor():
+    from reed.images import augment_crop
+
+    rng = np.random.default_rng(0)
+    ramp = np.broadcast_to(np.arange(16, dtype=np.uint8)[None, :, None] * 16, (16, 16, 3)).copy()
+    colour = ramp.copy()
+    colour[..., 0] = 200  # a reddish ramp: it has a hue to turn
+    rotated = [augment_crop(ramp, ("rotate",), rng) for _ in range(12)]
+    assert {r.tobytes() for r in rotated} == {np.rot90(ramp, k).tobytes() for k in range(4)}
+    recoloured = [augment_crop(colour, ("recolor",), rng) for _ in range(12)]
+    changed = [r for r in recoloured if not np.array_equal(r, colour)]
+    assert 0 < len(changed) < len(recoloured)  # about half the crops keep their colours
+    tinted = [augment_crop(ramp, ("recolor",), rng) for _ in range(12)]
+    grey_lost = [t for t in tinted if np.ptp(t.astype(int), axis=-1).max() > 2]
+    assert grey_lost  # a grey crop gets a tint, not a no-op hue turn
+    assert all(t.dtype == np.uint8 and t.shape == ramp.shape for t in tinted + recoloured)
+
+
+def test_augmented_crops_resume_exactly(tmp_path, image_folder):
+    from reed.data import make_crops
+
+    config = tiny_config(tmp_path, image_folder, augment=["rotate", "recolor"])
+    crops = make_crops(config)
+    assert crops.augments == ("rotate", "recolor")
+    crops.batch(3)
+    saved = crops.state_dict()
+    expected = crops.batch(4)
+    again = make_crops(config)
+    again.load_state_dict(saved)
+    assert all(np.array_equal(a, b) for a, b in zip(again.batch(4), expected))
+    plain = make_crops(tiny_config(tmp_path, image_folder))
+    plain.load_state_dict(saved)
+    assert not all(np.array_equal(a, b) for a, b in zip(plain.batch(4), expected))
+
+
+def test_export_reads_a_checkpoint_folder(tmp_path, image_folder):
+    from reed.cli import main
+    from reed.train import load_checkpoint_vae
+
+    config = tiny_config(tmp_path, image_folder, ema_decay=0.5)
+    train_module.train(config, max_steps=3)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    trained = load_file(checkpoint / "model.safetensors")
+    averaged = load_file(checkpoint / "ema.safetensors")
+    name = "decoder.conv_out.weight"
+    assert not torch.equal(trained[name], averaged[name])
+    for weights, expected in (("trained", trained), ("ema", averaged)):
+        out = tmp_path / f"export-{weights}"
+        assert main(["export", str(checkpoint), str(out), "--weights", weights]) == 0
+        exported = load_file(out / "diffusion_pytorch_model.safetensors")
+        torch.testing.assert_close(exported[name], expected[name])
+    assert not load_checkpoint_vae(checkpoint).training
+    with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
+        load_checkpoint_vae(tmp_path)

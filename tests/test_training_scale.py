@@ -642,6 +642,52 @@ def test_two_processes_resume_matches(two_process_run):
     assert losses_by_step(root / "parts") == pytest.approx(losses_by_step(root / "whole"), rel=1e-5)
 
 
+def test_accelerate_cpu_launch_runs_two_processes(tmp_path):
+    """The literal `accelerate launch --cpu --num_processes 2` command: accelerate starts one process,
+    and reed train starts the two (reed.launch)."""
+    config = write_config(tmp_path / "cpu.yaml", output_dir=str(tmp_path / "run"))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "reed", "train", str(config)]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "starting 2 on this machine" in result.stdout
+    assert "2 process(es) (MULTI_CPU)" in result.stdout
+    assert result.stdout.count("reed train: saved") == 1
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert meta["num_processes"] == 2
+    assert (tmp_path / "run" / "model" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_accelerate_cpu_launch_failure_stops_both(tmp_path):
+    config = write_config(tmp_path / "bad.yaml", output_dir=str(tmp_path / "run"), crop_size=20)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+               "--main_process_port", str(free_port()), "-m", "reed", "train", str(config)]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "returned non-zero exit status 2." in result.stderr  # the first failing process's code
+    assert "must be multiples of 8" in result.stderr
+
+
+@pytest.mark.parametrize("environ, arguments, expected", [
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},
+     ["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "3", "-m", "reed"], 3),
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},
+     ["python", "-m", "accelerate.commands.launch", "--cpu", "--num_processes=2"], 2),
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "RANK": "0", "WORLD_SIZE": "2"},
+     ["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "2"], 0),  # already has a rank
+    ({"ACCELERATE_USE_CPU": "True"}, ["python", "/bin/accelerate", "launch", "--cpu"], 0),  # one process asked
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"},
+     ["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "--num_machines", "2"], 0),
+    ({}, ["python", "/bin/accelerate", "launch", "--num_processes", "2"], 0),  # not a CPU launch
+])
+def test_requested_cpu_processes(environ, arguments, expected):
+    from reed.launch import requested_cpu_processes
+
+    count, note = requested_cpu_processes(environ, arguments)
+    assert count == expected
+    assert (note is not None) == ("--num_machines" in arguments)
+
+
 def test_killed_run_resumes_like_uninterrupted(tmp_path):
     options = dict(steps=40, checkpoint_every=5, eval_every=40, log_every=1)
     killed_config = write_config(tmp_path / "killed.yaml", output_dir=str(tmp_path / "killed"), **options)
