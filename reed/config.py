@@ -117,12 +117,9 @@ class LossConfig:
             raise ValueError(f"loss.adversarial_start_step must be >= 0, got {self.adversarial_start_step}.")
         if not 0.0 <= self.edit_probability <= 1.0:
             raise ValueError(f"loss.edit_probability must be in [0, 1], got {self.edit_probability}.")
-        if isinstance(self.edits, str):
-            raise ValueError(f"loss.edits must be a list of edit names, got the string '{self.edits}'.")
-        self.edits = tuple(self.edits)
-        unknown = [name for name in self.edits if name not in EDIT_NAMES]
-        if unknown or not self.edits:
-            raise ValueError(f"loss.edits must be a non-empty list from {EDIT_NAMES}, got {list(self.edits)}.")
+        self.edits = _names("loss.edits", self.edits, EDIT_NAMES)
+        if not self.edits:
+            raise ValueError(f"loss.edits must be a non-empty list from {EDIT_NAMES}, got [].")
 
 
 @dataclass
@@ -209,12 +206,7 @@ class TrainConfig:
             raise ValueError("train_encoder: false needs a base model to take the frozen encoder from.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 or null, got {self.threads}.")
-        if isinstance(self.augment, str):
-            raise ValueError(f"augment must be a list of names, got the string '{self.augment}'.")
-        self.augment = tuple(self.augment)
-        unknown = [name for name in self.augment if name not in CROP_AUGMENTS]
-        if unknown:
-            raise ValueError(f"augment: unknown {unknown}; choose from {list(CROP_AUGMENTS)}.")
+        self.augment = _names("augment", self.augment, CROP_AUGMENTS)
         self._check_training_options()
 
     def _check_training_options(self) -> None:
@@ -267,6 +259,17 @@ class TrainConfig:
         for key, value in (overrides or {}).items():
             data[key] = value
         return cls.from_dict(data)
+
+
+def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str, ...]:
+    """Check that ``value`` is a list of names from ``valid`` and return it as a tuple."""
+    if isinstance(value, str):
+        raise ValueError(f"{key} must be a list of names, got the string '{value}'.")
+    names = tuple(value)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        raise ValueError(f"{key}: unknown names {unknown}. Valid names are {list(valid)}.")
+    return names
 
 
 def _positive(config: Any, *names: str) -> None:

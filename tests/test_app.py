@@ -11,13 +11,8 @@ from __future__ import annotations
 import csv
 import math
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import gradio as gr
@@ -26,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from app_server import running_app
 from bad_inputs import CASES, write_case
 from demo import handlers, runs, ui
 from reed.chain import load_chain
@@ -37,7 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Small enough that a 25-step chain on two models takes seconds, large enough for 8x8 latents at factor 8.
 E2E_WORKING_SIZE = "128"
 HANDLER_WORKING_SIZE = 64
-SERVER_START_TIMEOUT_S = 180
 MODELS_VARIABLE = "REED_APP_TEST_MODELS"
 
 
@@ -402,12 +397,6 @@ def test_build_demo_sets_queue_limits():
 # End to end
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _output_value(output):
     """Return the value of an output that a handler returned as a component update (a dict)."""
     if isinstance(output, dict) and output.get("__type__") == "update":
@@ -445,39 +434,9 @@ def e2e_models(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    """Start ``python app.py`` on a free port of 127.0.0.1 and return its URL; stop it afterwards."""
-    port = _free_port()
-    server_folder = tmp_path_factory.mktemp("app-server")
-    log_path = server_folder / "server.log"
-    # TMPDIR moves the app's run folders, example copies and Gradio's file cache into the test's folder.
-    environment = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-                       GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                       TMPDIR=str(server_folder))
-    with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=environment,
-                                  stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"app.py exited with code {server.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=5):
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer at {url} within {SERVER_START_TIMEOUT_S} s:\n"
-                                f"{log_path.read_text()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    """The URL of the running app (``python app.py`` on a free port of 127.0.0.1)."""
+    with running_app(tmp_path_factory.mktemp("app-server")) as server:
+        yield server.url
 
 
 def test_app_end_to_end_25_round_trips(app_url, e2e_models, photo_path, monkeypatch, tmp_path):

@@ -12,15 +12,9 @@ docs/robustness.md records: ``pytest -m slow -s tests/test_load.py``.
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +24,12 @@ import pytest
 import torch
 from PIL import Image
 
+from app_server import AppServer, running_app
 from demo import handlers, runs, ui
 from reed.data import held_out_paths
 from reed.images import load_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVER_START_TIMEOUT_S = 180
-SERVER_STOP_TIMEOUT_S = 30
 # Maximum wait for one request, queueing included, before the test counts it as lost.
 REQUEST_TIMEOUT_S = 600
 
@@ -59,29 +52,6 @@ BLOCKER_CHAIN = "roundtrip*20"
 BLOCKER_WORKING_SIZE = "128"
 OUTPUT_NAMES = ["notes", "slider", "caption", "source", "image_a", "image_b", "before_after_a", "before_after_b",
                 "difference_a", "difference_b", "step_metrics", "plot", "grid", "table", "files"]
-
-
-@dataclass
-class AppServer:
-    url: str
-    process: subprocess.Popen
-    folder: Path
-    log_path: Path
-
-    @property
-    def runs_root(self) -> Path:
-        return self.folder / runs.RUNS_ROOT.name
-
-    def rss_mib(self) -> float:
-        """Return the server's resident memory in MiB, read from /proc."""
-        with open(f"/proc/{self.process.pid}/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError(f"No VmRSS line in /proc/{self.process.pid}/status")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
 
 
 class RssSampler:
@@ -127,12 +97,6 @@ class LoadFigures:
     errors: dict[int, Exception] = field(default_factory=dict)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _plant_expired_runs(root: Path) -> list[Path]:
     root.mkdir(parents=True)
     stamp = time.time() - runs.MAX_RUN_AGE_S - 60
@@ -148,54 +112,11 @@ def _plant_expired_runs(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def app_server(tmp_path_factory):
-    """Start ``python app.py`` on a free port of 127.0.0.1 with its temp directory in a test folder.
-
-    Expired run folders are planted in its run-folder root first. The server is stopped with SIGINT,
-    as Ctrl+C would, so Gradio runs its shutdown.
-    """
+    """The running app, with expired run folders planted in its run-folder root before it starts."""
     folder = tmp_path_factory.mktemp("load-server")
     _plant_expired_runs(folder / runs.RUNS_ROOT.name)
-    port = _free_port()
-    log_path = folder / "server.log"
-    # TMPDIR moves the run folders, example copies and Gradio's file cache into the test's folder.
-    environment = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-                       GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
-                       TMPDIR=str(folder))
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO_ROOT, env=environment,
-                                   stdout=log, stderr=subprocess.STDOUT)
-    server = AppServer(f"http://127.0.0.1:{port}/", process, folder, log_path)
-    try:
-        _wait_until_up(server)
+    with running_app(folder) as server:
         yield server
-    finally:
-        _stop(server)
-
-
-def _wait_until_up(server: AppServer) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        if server.process.poll() is not None:
-            pytest.fail(f"app.py exited with code {server.process.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(server.url, timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer at {server.url} within {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{server.log_tail()}")
-            time.sleep(1)
-
-
-def _stop(server: AppServer) -> None:
-    if server.process.poll() is not None:
-        return
-    server.process.send_signal(signal.SIGINT)
-    try:
-        server.process.wait(timeout=SERVER_STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
 
 
 @pytest.fixture

@@ -143,7 +143,7 @@ def test_lpips_weight_without_model_rejected():
     ({"model": {"block_out_channels": [12, 16], "norm_num_groups": 8}}, "divisible by"),
     ({"train_encoder": False}, "needs a base model"),
     ({"learning_rat": 1.0}, "Unknown config keys"),
-    ({"augment": ["rotate", "mirror"]}, "augment: unknown"),
+    ({"augment": ["rotate", "mirror"]}, "augment: unknown names"),
     ({"augment": "rotate"}, "must be a list of names"),
 ])
 def test_invalid_config_rejected(tmp_path, image_folder, changes, message):

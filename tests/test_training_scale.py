@@ -538,8 +538,9 @@ def test_train_encoder_defaults_to_decoder_only_for_a_base(tmp_path, image_folde
 @pytest.mark.parametrize("changes, message", [
     ({"loss": {"encoder_anchor": 1.0}}, "needs a base model"),
     ({"base": "some/vae", "loss": {"encoder_anchor": 1.0}}, "needs train_encoder: true"),
-    ({"loss": {"edits": ["sepia"]}}, "loss.edits must be"),
-    ({"loss": {"edits": "jpeg"}}, "list of edit names"),
+    ({"loss": {"edits": ["sepia"]}}, "loss.edits: unknown names"),
+    ({"loss": {"edits": []}}, "loss.edits must be a non-empty list"),
+    ({"loss": {"edits": "jpeg"}}, "must be a list of names"),
     ({"loss": {"edit_probability": 1.5}}, "edit_probability"),
     ({"loss": {"adversarial": -1.0}}, "loss.adversarial must be >= 0"),
     ({"mixed_precision": "fp8"}, "mixed_precision must be one of"),
