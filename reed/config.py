@@ -264,7 +264,9 @@ class TrainConfig:
 def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str, ...]:
     """Check that ``value`` is a list of names from ``valid`` and return it as a tuple."""
     if isinstance(value, str):
-        raise ValueError(f"{key} must be a list of names, got the string '{value}'.")
+        raise ValueError(f"{key} must be a list of names, got the string '{value}'. Write [{value}].")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key} must be a list of names from {list(valid)}, got {value!r}.")
     names = tuple(value)
     unknown = [name for name in names if name not in valid]
     if unknown:

@@ -33,7 +33,7 @@ from reed.data import RandomCrops, make_crops
 from reed.discriminator import NLayerDiscriminator, discriminator_loss
 from reed.ema import NamedEMA
 from reed.evaluation import calibrate_latents, evaluate_ladder, ladder_grid, load_eval_images, run_ladder  # noqa: F401
-from reed.hub_data import StreamingCrops
+from reed.hub_data import StreamingCrops, is_hub_dataset
 from reed.images import save_png, to_tensor
 from reed.losses import FrozenEncoder, ReedLoss
 from reed.model_card import check_hub_writable, push_to_hub, write_model_card
@@ -206,8 +206,9 @@ def load_checkpoint_vae(folder: str | Path, weights: str = "trained") -> Autoenc
 
     ``weights`` is ``trained`` (the weights at that step) or ``ema`` (their moving average). The
     architecture and latent factors come from the run's base model, or from ``model`` for a run from
-    scratch. A run from scratch calibrates its latent factors only when it finishes, so its mid-run
-    checkpoints keep the default ``scaling_factor``.
+    scratch. A run from scratch calibrates its latent factors only when it finishes, so here they are
+    calibrated again on a fresh stream of the run's crops: close to, not identical with, the factors of
+    the run's own ``model`` folder. A run from scratch on an ``hf:`` dataset keeps the default factors.
     """
     folder = Path(folder)
     if weights not in FINAL_WEIGHTS:
@@ -227,6 +228,10 @@ def load_checkpoint_vae(folder: str | Path, weights: str = "trained") -> Autoenc
             for name, parameter in vae.named_parameters():
                 if name in averaged:
                     parameter.copy_(averaged[name])
+    if config.base is None and not is_hub_dataset(config.data):
+        with torch.no_grad():
+            scaling, shift = calibrate_latents(vae, make_crops(config))
+        vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
     vae.requires_grad_(False)
     return vae.eval()
 

@@ -145,6 +145,7 @@ def test_lpips_weight_without_model_rejected():
     ({"learning_rat": 1.0}, "Unknown config keys"),
     ({"augment": ["rotate", "mirror"]}, "augment: unknown names"),
     ({"augment": "rotate"}, "must be a list of names"),
+    ({"augment": None}, "augment must be a list of names from"),
 ])
 def test_invalid_config_rejected(tmp_path, image_folder, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -308,6 +309,9 @@ def test_export_reads_a_checkpoint_folder(tmp_path, image_folder):
         assert main(["export", str(checkpoint), str(out), "--weights", weights]) == 0
         exported = load_file(out / "diffusion_pytorch_model.safetensors")
         torch.testing.assert_close(exported[name], expected[name])
+    exported_config = json.loads((tmp_path / "export-trained" / "config.json").read_text())
+    assert exported_config["scaling_factor"] != 0.18215  # calibrated for a run from scratch
+    assert exported_config["shift_factor"] is not None
     assert not load_checkpoint_vae(checkpoint).training
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         load_checkpoint_vae(tmp_path)
