@@ -52,11 +52,7 @@ class NamedEMA:
 
     def copy_to(self, model: torch.nn.Module) -> None:
         """Overwrite the matching parameters of ``model`` (same names) with the averaged weights."""
-        averaged = self.tensors()
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():
-                if name in averaged:
-                    parameter.copy_(averaged[name])
+        copy_named_tensors(model, self.tensors())
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -67,3 +63,11 @@ class NamedEMA:
             yield
         finally:
             self.ema.restore(self.parameters)
+
+
+def copy_named_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Overwrite the parameters of ``model`` that have a tensor of the same name in ``tensors``."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in tensors:
+                parameter.copy_(tensors[name])

@@ -5,7 +5,7 @@ accelerate (1.16) runs several CPU processes only through MPI: without ``--mpiru
 case, reads N from the launcher's own command line (the parent process, through ``/proc``, so Linux
 only), and starts N copies of itself with the variables ``torch.distributed.run`` would set. accelerate
 then gives each copy its rank in a gloo process group, as for ``--multi_gpu`` on a machine without CUDA.
-Where N cannot be read, the run goes on as one process and says so.
+Where N cannot be read, the run goes on as one process and prints a note saying why.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from reed import metrics
 from reed.config import FINAL_WEIGHTS, TrainConfig
 from reed.data import RandomCrops, make_crops
 from reed.discriminator import NLayerDiscriminator, discriminator_loss
-from reed.ema import NamedEMA
+from reed.ema import NamedEMA, copy_named_tensors
 from reed.evaluation import calibrate_latents, evaluate_ladder, ladder_grid, load_eval_images, run_ladder  # noqa: F401
 from reed.hub_data import StreamingCrops, is_hub_dataset
 from reed.images import save_png, to_tensor
@@ -223,11 +223,7 @@ def load_checkpoint_vae(folder: str | Path, weights: str = "trained") -> Autoenc
         if not (folder / "ema.safetensors").is_file():
             raise FileNotFoundError(f"EMA weights not found in {folder}: the run had no ema_decay. "
                                     "Export the trained weights instead.")
-        averaged = load_file(folder / "ema.safetensors")
-        with torch.no_grad():
-            for name, parameter in vae.named_parameters():
-                if name in averaged:
-                    parameter.copy_(averaged[name])
+        copy_named_tensors(vae, load_file(folder / "ema.safetensors"))
     if config.base is None and not is_hub_dataset(config.data):
         with torch.no_grad():
             scaling, shift = calibrate_latents(vae, make_crops(config))
