@@ -260,6 +260,17 @@ def _photos(args: argparse.Namespace) -> int:
     return 0
 
 
+def _point_to_checkpoints(folder: Path) -> None:
+    """Reject a run folder or its ``checkpoints/`` folder with the paths that export does take."""
+    for checkpoints in (folder, folder / "checkpoints"):
+        steps = sorted(p for p in checkpoints.glob("step-*") if p.is_dir()) if checkpoints.is_dir() else []
+        if steps and not (folder / "config.json").is_file():
+            model = checkpoints.parent / "model"
+            finished = f" or the finished model {model}," if (model / "config.json").is_file() else ""
+            raise ValueError(f"{folder} holds training checkpoints, not one model. Export one checkpoint, "
+                             f"for example the latest, {steps[-1]},{finished} instead.")
+
+
 def _export(args: argparse.Namespace) -> int:
     import torch
 
@@ -267,13 +278,16 @@ def _export(args: argparse.Namespace) -> int:
     from reed.train import is_checkpoint, load_checkpoint_vae
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    _point_to_checkpoints(Path(args.model))
     if is_checkpoint(args.model):
         vae = load_checkpoint_vae(args.model, args.weights)
     elif args.weights != "trained":
         raise ValueError("--weights ema applies to a training checkpoint folder (runs/NAME/checkpoints/step-*).")
     else:
         vae = load_vae(args.model, cached=False, channels_last=False)
-    vae = vae.to(dtypes[args.dtype])
+    # torch's own cast: diffusers' override warns about modules to keep in float32, and AutoencoderKL
+    # has none.
+    vae = torch.nn.Module.to(vae, dtypes[args.dtype])
     vae.save_pretrained(args.out, safe_serialization=True)
     size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors"))
     print(f"Wrote {args.out} ({args.dtype}, {size / 1e6:.1f} MB of weights)")

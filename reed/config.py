@@ -64,6 +64,8 @@ class LossConfig:
     is ordinary single-pass VAE training.
 
     ``latent`` weighs the distance of each cycle's re-encoding from the original image's latent.
+    ``consistency`` weighs the distance of each later cycle's output from x1, the first decode of the
+    clean image; it cannot be combined with edits between cycles, which change what x1 should be.
     ``contraction`` weighs how much one decode/encode cycle amplifies a small change of the latent along
     its most amplified direction, found by ``contraction_iterations`` steps of power iteration; a gain
     above 1 makes a chain diverge, so gains above ``contraction_target`` are penalised. The change has
@@ -81,6 +83,7 @@ class LossConfig:
     lpips: float = 0.0
     kl: float = 1e-6
     latent: float = 0.0
+    consistency: float = 0.0
     contraction: float = 0.0
     contraction_iterations: int = 4
     contraction_step: float = 0.05
@@ -98,8 +101,8 @@ class LossConfig:
     edits: tuple[str, ...] = EDIT_NAMES
 
     def __post_init__(self) -> None:
-        for name in ("l1", "l2", "lpips", "kl", "latent", "contraction", "contraction_iterations",
-                     "contraction_target", "encoder_anchor", "adversarial"):
+        for name in ("l1", "l2", "lpips", "kl", "latent", "consistency", "contraction",
+                     "contraction_iterations", "contraction_target", "encoder_anchor", "adversarial"):
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}.")
         if self.l1 + self.l2 + self.lpips <= 0:
@@ -117,6 +120,10 @@ class LossConfig:
             raise ValueError(f"loss.adversarial_start_step must be >= 0, got {self.adversarial_start_step}.")
         if not 0.0 <= self.edit_probability <= 1.0:
             raise ValueError(f"loss.edit_probability must be in [0, 1], got {self.edit_probability}.")
+        if self.consistency > 0 and self.edit_probability > 0:
+            raise ValueError("loss.consistency compares later cycles with the first decode of the clean image, "
+                             "which edits between cycles change; set loss.edit_probability: 0 or "
+                             "loss.consistency: 0.")
         self.edits = _names("loss.edits", self.edits, EDIT_NAMES)
         if not self.edits:
             raise ValueError(f"loss.edits must be a non-empty list from {EDIT_NAMES}, got [].")

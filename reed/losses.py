@@ -99,12 +99,15 @@ def contraction_gain(vae: AutoencoderKL, anchor: torch.Tensor, start: torch.Tens
 
 
 class ReedLoss(torch.nn.Module):
-    """Weighted L1, L2, LPIPS, KL, latent, encoder-anchor and adversarial terms over ``num_cycles`` cycles.
+    """Weighted L1, L2, LPIPS, KL, latent, consistency, encoder-anchor and adversarial terms over ``num_cycles`` cycles.
 
     ``forward`` returns ``(loss, logs)``. The latent term is the squared distance between each cycle's
     re-encoded output and the original image's latent, divided by that latent's variance: it asks the
     decoder for images the encoder maps back to where they came from, the fixed-point property that
-    keeps a chain from drifting. The encoder-anchor term is the squared distance between the trained
+    keeps a chain from drifting. The consistency term is the L1 plus squared distance between each
+    later cycle's output and x1, the first decode of the clean image (detached). The L1 and L2 terms
+    pull every cycle towards the original, which a small decoder cannot reach. This term only pulls a
+    later cycle towards the first one, which it can reach. The encoder-anchor term is the squared distance between the trained
     encoder's latent of the batch and ``anchor_encoder``'s, divided by the anchor latent's variance.
 
     When ``forward`` gets a ``discriminator``, the adversarial term is the hinge generator loss on each
@@ -146,6 +149,9 @@ class ReedLoss(torch.nn.Module):
         current, target = images, images
         edits = 0
         self.last_output = None
+        # x1, the first decode of the clean image: the reference of the consistency term (and of the
+        # evaluation ladder). Without warm-up it is the first cycle's own output, detached below.
+        first_output = None
 
         # Warm-up cycles without gradients move the starting point deep into the chain.
         if num_warmup:
@@ -153,6 +159,8 @@ class ReedLoss(torch.nn.Module):
                 for _ in range(num_warmup):
                     posterior = vae.encode(current).latent_dist
                     current = quantize_8bit(vae.decode(posterior.mode()).sample)
+                    if first_output is None:
+                        first_output = current
                     current, target, edited = self._maybe_edit(current, target, generator)
                     edits += edited
 
@@ -161,6 +169,7 @@ class ReedLoss(torch.nn.Module):
             reference_latent = vae.encode(target).latent_dist.mode() if config.latent > 0 else None
 
         l1_terms, l2_terms, lpips_terms, latent_terms, generator_terms = [], [], [], [], []
+        consistency_terms = []
         kl_loss = images.new_zeros(())
         anchor_loss = images.new_zeros(())
         posterior = vae.encode(current).latent_dist
@@ -182,6 +191,11 @@ class ReedLoss(torch.nn.Module):
             l2_terms.append(F.mse_loss(decoded, target))
             if config.lpips > 0:
                 lpips_terms.append(self.lpips_model(decoded.clamp(-1, 1), target).mean())
+            if config.consistency > 0:
+                if first_output is None:
+                    first_output = quantize_8bit(decoded).detach()  # this cycle is x1 itself: no term
+                else:
+                    consistency_terms.append(F.l1_loss(decoded, first_output) + F.mse_loss(decoded, first_output))
             if discriminator is not None:
                 generator_terms.append(hinge_generator_loss(discriminator(decoded)))
                 self.last_output = (target.detach(), decoded.detach())
@@ -218,6 +232,7 @@ class ReedLoss(torch.nn.Module):
         l2_loss = torch.stack(l2_terms).mean()
         lpips_loss = torch.stack(lpips_terms).mean() if lpips_terms else images.new_zeros(())
         latent_loss = torch.stack(latent_terms).mean() if latent_terms else images.new_zeros(())
+        consistency_loss = torch.stack(consistency_terms).mean() if consistency_terms else images.new_zeros(())
         adversarial_loss = torch.stack(generator_terms).mean() if generator_terms else images.new_zeros(())
         reconstruction = config.l1 * l1_loss + config.l2 * l2_loss + config.lpips * lpips_loss
         adversarial_weight = images.new_ones(())
@@ -225,6 +240,7 @@ class ReedLoss(torch.nn.Module):
             last_layer = vae.decoder.conv_out.weight
             adversarial_weight = adaptive_weight(reconstruction, adversarial_loss, last_layer)
         loss = (reconstruction + config.kl * kl_loss + config.latent * latent_loss
+                + config.consistency * consistency_loss
                 + config.contraction * contraction_loss + config.encoder_anchor * anchor_loss
                 + config.adversarial * adversarial_weight * adversarial_loss)
 
@@ -235,6 +251,7 @@ class ReedLoss(torch.nn.Module):
             "lpips": lpips_loss.item(),
             "kl": kl_loss.item(),
             "latent": latent_loss.item(),
+            "consistency": consistency_loss.item(),
             "contraction": contraction_loss.item(),
             "contraction_gain": gain.item(),
             "encoder_anchor": anchor_loss.item(),

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from reed.config import TrainConfig
 
-LOSS_TERMS = ("l1", "l2", "lpips", "kl", "latent", "encoder_anchor", "adversarial")
+LOSS_TERMS = ("l1", "l2", "lpips", "kl", "latent", "consistency", "contraction", "encoder_anchor", "adversarial")
 
 
 class HubPushError(RuntimeError):
@@ -82,6 +82,7 @@ vae = AutoencoderKL.from_pretrained("<this folder or repository>")
 | weights saved | {weights} |
 | data | {_data_description(config)} |
 | crop size | {config.crop_size}x{config.crop_size} |
+| crop augmentation | {", ".join(config.augment) if config.augment else "none"} |
 | batch | {config.batch_size} per process x {num_processes} process(es) |
 | steps | {steps_done} of {config.steps} |
 | learning rate | {config.learning_rate:g}, {config.warmup_steps} warm-up steps, cosine decay to {config.min_lr_ratio:g}x |

@@ -261,10 +261,13 @@ def _write_json(data: Any, path: Path) -> None:
 
 
 def _check_config(config: Table1Config, out: Path) -> None:
-    """Write ``config.json``, or check that a resumed run has the same settings."""
+    """Write ``config.json``, or check that a run with finished samples has the same settings."""
     path = out / "config.json"
     current = config.to_json()
-    if path.is_file():
+    # A run that stopped before finishing any sample (say, its pipeline could not be loaded) has nothing
+    # to resume, so its settings may be replaced.
+    finished = any((out / "samples").glob("*/sample.json"))
+    if path.is_file() and finished:
         previous = json.loads(path.read_text(encoding="utf-8"))
         if previous != current:
             changed = sorted(key for key in set(previous) | set(current) if previous.get(key) != current.get(key))

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -403,10 +404,20 @@ def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float
     """Average the logged values over processes (a collective call: every process must make it)."""
     if accelerator.num_processes == 1:
         return logs
-    names = sorted(logs)
+    names = list(logs)  # every process builds its logs in the same order; keep it for the progress line
     values = torch.tensor([logs[name] for name in names], dtype=torch.float64, device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(names, values.tolist()))
+
+
+def _write_line(progress, text: str) -> None:
+    """Print a log line above the progress bar.
+
+    The bar draws on stderr and the line goes to stdout. When both are redirected to one file, stdout's
+    buffer would land in the middle of a bar line, so the line is flushed while the bar is cleared.
+    """
+    with progress.external_write_mode(file=sys.stdout):
+        print(text, flush=True)
 
 
 def _check_finite(accelerator, loss: torch.Tensor, logs: dict[str, float], step: int, checkpoints: Path) -> None:
@@ -521,14 +532,14 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
             if grad_norm is not None:
                 record["train/grad_norm"] = float(grad_norm)
             progress.set_postfix(loss=f"{logs['loss']:.4f}", K=num_cycles, ips=f"{record['images_per_second']:.1f}")
-            progress.write(progress_line(record, stop))
+            _write_line(progress, progress_line(record, stop))
             _append_log(log_file, record)
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
             window_start, window_images = time.perf_counter(), 0
         if accelerator.is_main_process and (done % config.eval_every == 0 or done == config.steps):
             last_eval = _evaluate(config, model, state.ema, eval_images, done, output, accelerator)
-            progress.write(f"step {done}: " + ", ".join(f"{k} {v:.2f} dB" if k.startswith("psnr") else f"{k} {v:.4f}"
-                                                        for k, v in last_eval.items() if k != "step"))
+            _write_line(progress, f"step {done}: " + ", ".join(
+                f"{k} {v:.2f} dB" if k.startswith("psnr") else f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
         if done % config.checkpoint_every == 0 or done == stop:
             accelerator.wait_for_everyone()
             process_states = gather_object([process_state(state)])

@@ -50,6 +50,22 @@ def image_folder(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def case_path(tmp_path_factory):
+    """Return a function that writes one of ``bad_inputs.CASES`` once per session and returns its path."""
+    from bad_inputs import write_case
+
+    folder = tmp_path_factory.mktemp("cases")
+    written = {}
+
+    def path_of(name: str):
+        if name not in written:
+            written[name] = write_case(name, folder)
+        return written[name]
+
+    return path_of
+
+
 @pytest.fixture
 def photo() -> np.ndarray:
     """A 40x56 crop of a bundled photo: real image statistics at a size tests can afford."""

@@ -387,10 +387,23 @@ def test_table1_rejects_changed_settings(tmp_path, samples_dir, monkeypatch):
     samples = table1.load_manifest(samples_dir)
     first = table1.Table1Config(editor="ip2p", models=list(arms), edits=5, snapshots=(1, 5), seed=0)
     table1._check_config(first, tmp_path)
+    finished = tmp_path / "samples" / "left" / "sample.json"
+    finished.parent.mkdir(parents=True)
+    finished.write_text("{}", encoding="utf-8")
     changed = table1.Table1Config(editor="ip2p", models=list(arms), edits=5, snapshots=(1, 5), seed=1)
 
     with pytest.raises(ValueError, match="seed differ"):
         table1.run_table1(samples, arms, changed, tmp_path)
+
+
+def test_table1_replaces_unfinished_run_settings(tmp_path):
+    first = table1.Table1Config(editor="ip2p", models=["a", "b"], edits=5, snapshots=(1, 5), seed=0)
+    table1._check_config(first, tmp_path)  # the run then stops before any sample finishes
+    changed = table1.Table1Config(editor="ip2p", models=["a", "b"], edits=5, snapshots=(1, 5), seed=1)
+
+    table1._check_config(changed, tmp_path)
+
+    assert json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))["seed"] == 1
 
 
 def test_table1_alternates_instructions(samples_dir):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bad_inputs import BLUE, CASES, CASES_BY_NAME, RED, WHITE, Expected, write_case
+from bad_inputs import BLUE, CASES, CASES_BY_NAME, RED, WHITE, Expected
 from reed.images import (
     MAX_SIDE,
     ImageLoadError,
@@ -28,20 +27,6 @@ from reed.images import (
 BYTES_CASES = ["rgba", "exif_rotate_clockwise", "animated_gif", "16bit", "zero_bytes", "truncated_png", "text_as_png"]
 # Largest per-channel difference accepted between a JPEG-coded flat colour and its source colour.
 JPEG_TOLERANCE = 12
-
-
-@pytest.fixture(scope="session")
-def case_path(tmp_path_factory) -> Callable[[str], Path]:
-    """Return a function that writes a case once per session and returns its path."""
-    folder = tmp_path_factory.mktemp("cases")
-    written: dict[str, Path] = {}
-
-    def path_of(name: str) -> Path:
-        if name not in written:
-            written[name] = write_case(name, folder)
-        return written[name]
-
-    return path_of
 
 
 def _check_outcome(load: Callable[[], LoadedImage], expected: Expected) -> None:

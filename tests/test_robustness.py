@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from bad_inputs import CASES, CASES_BY_NAME, write_case
+from bad_inputs import CASES, CASES_BY_NAME
 from conftest import make_tiny_vae
 from demo import handlers, runs
 from reed.cli import main
@@ -53,20 +53,6 @@ REJECTED_CASES = [case.name for case in CASES if case.expected.rejected]
 # The command line caps the longer side at MAX_WORKING_SIDE instead of the loader's default cap, so the
 # large photo's note names another size than the one in CASES.
 CLI_NOTES = {"large_photo": (f"Resized from 6000x4000 to {MAX_WORKING_SIDE}x683",)}
-
-
-@pytest.fixture(scope="module")
-def case_path(tmp_path_factory):
-    """Return a function that writes a case once per module and returns its path."""
-    folder = tmp_path_factory.mktemp("robustness-cases")
-    written: dict[str, Path] = {}
-
-    def path_of(name: str) -> Path:
-        if name not in written:
-            written[name] = write_case(name, folder)
-        return written[name]
-
-    return path_of
 
 
 def make_factor8_vae(seed: int) -> AutoencoderKL:

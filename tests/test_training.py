@@ -77,6 +77,32 @@ def test_latent_term_reaches_decoder():
     assert with_latent["encoder.conv_in.weight"] is None
 
 
+def test_consistency_term_compares_later_cycles_with_first_decode(monkeypatch):
+    vae = make_tiny_vae()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss_fn = ReedLoss(LossConfig(consistency=1.0))
+    # A single cycle from the clean image is x1 itself: nothing to compare.
+    assert loss_fn(vae, images, 1)[1]["consistency"] == 0.0
+
+    # With warm-up, x1 is the first warm-up decode; record what the term compares.
+    compared = []
+    real_l1 = losses.F.l1_loss
+    monkeypatch.setattr(losses.F, "l1_loss", lambda a, b: compared.append(b) or real_l1(a, b))
+    with torch.no_grad():
+        first = quantize_8bit(vae.decode(vae.encode(images).latent_dist.mode()).sample)
+    _, logs = loss_fn(vae, images, 2, num_warmup=3, generator=torch.Generator().manual_seed(1))
+    assert logs["consistency"] > 0
+    # Two cycles, each compared with the target (l1 term) and with x1 (consistency term).
+    assert len(compared) == 4
+    torch.testing.assert_close(compared[1], first)
+    torch.testing.assert_close(compared[3], first)
+
+
+def test_consistency_refuses_edits_between_cycles():
+    with pytest.raises(ValueError, match="loss.consistency"):
+        LossConfig(consistency=1.0, edit_probability=0.5)
+
+
 def test_contraction_term_reaches_decoder():
     without = gradients(make_tiny_vae(), LossConfig(l1=1e-12, l2=0.0, kl=0.0), cycles=1)
     config = LossConfig(l1=1e-12, l2=0.0, kl=0.0, contraction=1.0, contraction_target=0.0)
@@ -293,7 +319,7 @@ def test_augmented_crops_resume_exactly(tmp_path, image_folder):
     assert not all(np.array_equal(a, b) for a, b in zip(plain.batch(4), expected))
 
 
-def test_export_reads_a_checkpoint_folder(tmp_path, image_folder):
+def test_export_reads_a_checkpoint_folder(tmp_path, image_folder, capsys):
     from reed.cli import main
     from reed.train import load_checkpoint_vae
 
@@ -315,3 +341,8 @@ def test_export_reads_a_checkpoint_folder(tmp_path, image_folder):
     assert not load_checkpoint_vae(checkpoint).training
     with pytest.raises(FileNotFoundError, match="not a training checkpoint"):
         load_checkpoint_vae(tmp_path)
+    for run_folder in (tmp_path / "run", tmp_path / "run" / "checkpoints"):
+        capsys.readouterr()
+        assert main(["export", str(run_folder), str(tmp_path / "export-run")]) == 2
+        assert f"for example the latest, {checkpoint}" in capsys.readouterr().err
+    assert not (tmp_path / "export-run").exists()

@@ -137,6 +137,7 @@ ENCODER = ("encoder.", "quant_conv.")
     ("l2", 1.0, False, DECODER),
     ("lpips", 1.0, False, DECODER),
     ("latent", 1.0, False, DECODER),
+    ("consistency", 1.0, False, DECODER),
     ("kl", 1.0, True, ENCODER),
 ])
 def test_loss_term_reaches_its_parameters(term, weight, train_encoder, trains):
@@ -417,6 +418,7 @@ def test_model_card_names_base_data_weights_and_figures(resumed_runs, image_fold
     assert "| adversarial | 0.1 |" in card
     assert "EMA of the trained weights" in card
     assert "| steps | 6 of 6 |" in card
+    assert "| crop augmentation | none |" in card
     assert f"{last_eval['eval/psnr_src_step1']:.4f} dB" in card
 
 

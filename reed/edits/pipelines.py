@@ -119,7 +119,8 @@ def pipeline_dtype(device: str) -> torch.dtype:
 def _download_hint(model: str) -> str:
     folder = model.split("/")[-1]
     return (f"Download it on a machine with network access (for example `hf download {model} --local-dir "
-            f"{folder}`), copy that folder to this machine, and pass it as model=PATH_TO/{folder}.")
+            f"{folder}`), copy that folder to this machine, and give its path as the model (model=PATH_TO/{folder} "
+            f"in a chain step, --model PATH_TO/{folder} for table1).")
 
 
 def _hub_offline() -> bool:
