@@ -11,15 +11,17 @@ $PYTHON -m reed train configs/reed-mini-standard.yaml
 $PYTHON -m reed export runs/reed-mini-standard/model reed/assets/reed-mini/standard --dtype float16
 
 # 2. Two decoder fine-tunes of the installed reed-mini:standard with the same steps, crops, augmentation
-#    and learning-rate schedules: the REED loss and the single-pass control, each in two stages (the
-#    second at a lower learning rate). Each config sets threads: 1, so the two run side by side on a
-#    two-core machine.
+#    and learning-rate schedules: the REED loss and the single-pass control, each in three stages (the
+#    second and third at a lower learning rate). Each config sets threads: 1, so the two run side by
+#    side on a two-core machine.
 mkdir -p runs
-( $PYTHON -m reed train configs/reed-mini-reed.yaml && $PYTHON -m reed train configs/reed-mini-reed-polish.yaml ) \
-    > runs/reed-mini-reed.out 2>&1 &
+( $PYTHON -m reed train configs/reed-mini-reed.yaml \
+    && $PYTHON -m reed train configs/reed-mini-reed-polish.yaml \
+    && $PYTHON -m reed train configs/reed-mini-reed-stage3.yaml ) > runs/reed-mini-reed.out 2>&1 &
 reed_pid=$!
-( $PYTHON -m reed train configs/reed-mini-control.yaml && $PYTHON -m reed train configs/reed-mini-control-polish.yaml ) \
-    > runs/reed-mini-control.out 2>&1 &
+( $PYTHON -m reed train configs/reed-mini-control.yaml \
+    && $PYTHON -m reed train configs/reed-mini-control-polish.yaml \
+    && $PYTHON -m reed train configs/reed-mini-control-stage3.yaml ) > runs/reed-mini-control.out 2>&1 &
 control_pid=$!
 wait "$reed_pid"
 wait "$control_pid"

@@ -62,26 +62,27 @@ def pipeline_vae(scaling_factor: float):
     return vae
 
 
-def save_ip2p(folder: Path, scaling_factor: float = 0.18215) -> str:
-    torch.manual_seed(0)
+def _save_text_pipeline(pipeline_class, folder: Path, scaling_factor: float, unet_in_channels: int,
+                        seed: int) -> str:
+    """Save a tiny text-conditioned Stable Diffusion pipeline; the UNet's input channels set its kind."""
+    torch.manual_seed(seed)
     tokenizer = make_tokenizer(folder / "vocab")
-    pipeline = StableDiffusionInstructPix2PixPipeline(
+    pipeline = pipeline_class(
         vae=pipeline_vae(scaling_factor), text_encoder=make_text_encoder(len(tokenizer)), tokenizer=tokenizer,
-        unet=make_unet(8), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        unet=make_unet(unet_in_channels), scheduler=make_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
     pipeline.save_pretrained(folder / "pipeline", safe_serialization=True)
     return str(folder / "pipeline")
+
+
+def save_ip2p(folder: Path, scaling_factor: float = 0.18215) -> str:
+    # 8 input channels: the noisy latent and the latent of the image to edit.
+    return _save_text_pipeline(StableDiffusionInstructPix2PixPipeline, folder, scaling_factor, 8, seed=0)
 
 
 def save_inpaint(folder: Path, scaling_factor: float = 0.18215) -> str:
-    torch.manual_seed(1)
-    tokenizer = make_tokenizer(folder / "vocab")
-    pipeline = StableDiffusionInpaintPipeline(
-        vae=pipeline_vae(scaling_factor), text_encoder=make_text_encoder(len(tokenizer)), tokenizer=tokenizer,
-        unet=make_unet(9), scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
-    pipeline.save_pretrained(folder / "pipeline", safe_serialization=True)
-    return str(folder / "pipeline")
+    # 9 input channels: the noisy latent, the mask and the latent of the masked image.
+    return _save_text_pipeline(StableDiffusionInpaintPipeline, folder, scaling_factor, 9, seed=1)
 
 
 def save_pbe(folder: Path, scaling_factor: float = 0.18215) -> str:
