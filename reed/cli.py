@@ -196,9 +196,26 @@ def _table1(args: argparse.Namespace) -> int:
     return 0
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to an option's help, unless it has no default or the help names one already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        no_default = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if no_default or "default" in text or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _add_command(commands, name: str, summary: str) -> argparse.ArgumentParser:
+    """Add a subcommand whose --help starts with ``summary`` and shows each option's default."""
+    return commands.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
+                               formatter_class=_DefaultsHelpFormatter)
+
+
 def _add_table1_parser(commands) -> None:
-    table = commands.add_parser(
-        "table1", help="the iterative-editing benchmark: each sample edited N times in sequence, per VAE")
+    table = _add_command(
+        commands, "table1", "the iterative-editing benchmark: each sample edited N times in sequence, per VAE")
     table.add_argument("samples", nargs="?",
                        help="folder with manifest.csv or manifest.json (columns image, mask, instruction, "
                             "reverse_instruction, reference, name), or the manifest file itself")
@@ -267,7 +284,7 @@ def _point_to_checkpoints(folder: Path) -> None:
         if steps and not (folder / "config.json").is_file():
             model = checkpoints.parent / "model"
             finished = f" or the finished model {model}," if (model / "config.json").is_file() else ""
-            raise ValueError(f"{folder} holds training checkpoints, not one model. Export one checkpoint, "
+            raise ValueError(f"{folder} contains training checkpoints, not one model. Export one checkpoint, "
                              f"for example the latest, {steps[-1]},{finished} instead.")
 
 
@@ -331,20 +348,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     default_models = "reed-mini:standard,reed-mini:reed,reed-mini:control"
-    size_help = ("resize the shorter side to this many pixels and centre-crop to a multiple of 8; without it "
-                 "an image keeps its size (padded for the VAE and cropped back), its longer side capped at "
-                 "MAX_WORKING_SIDE")
-    ladder = commands.add_parser("ladder", help="repeated encode/decode round trips (the pure ladder)")
+    # Kept in step with reed.images.MAX_WORKING_SIDE, which is not imported here because it would load
+    # torch for every --help.
+    size_help = ("resize the shorter side to this many pixels (a multiple of 8) and centre-crop the longer "
+                 "side to a multiple of 8; without it an image keeps its size (padded for the VAE and "
+                 "cropped back), its longer side capped at 1024 pixels")
+    ladder = _add_command(commands, "ladder", "repeated encode/decode round trips (the pure ladder)")
     ladder.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     ladder.add_argument("--models", default=default_models, help="comma-separated model references")
     ladder.add_argument("--cycles", type=int, default=25, help="number of round trips")
     ladder.add_argument("--size", type=int, help=size_help)
-    ladder.add_argument("--seed", type=int, default=0)
+    ladder.add_argument("--seed", type=int, default=0,
+                        help="run seed; each step's seed derives from it (round trips draw none)")
     ladder.add_argument("--out", default="out/ladder", help="output folder")
     _add_engine_arguments(ladder)
     ladder.set_defaults(handler=_ladder)
 
-    chain = commands.add_parser("chain", help="run an edit chain on images with several models")
+    chain = _add_command(commands, "chain", "run an edit chain on images with several models")
     chain.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders of images")
     chain.add_argument("--chain", required=True,
                        help='the chain in text form ("roundtrip*10 | rotate degrees=5"), as JSON, '
@@ -363,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--train", action="store_true", help="write the training photos instead")
     photos.set_defaults(handler=_photos)
 
-    export = commands.add_parser("export", help="re-save a VAE as a diffusers folder with safetensors weights")
+    export = _add_command(commands, "export", "re-save a VAE as a diffusers folder with safetensors weights")
     export.add_argument("model", help="model reference: built-in name, folder, hub id, or a training "
                         "checkpoint folder (runs/NAME/checkpoints/step-*)")
     export.add_argument("out", help="output folder")

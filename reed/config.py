@@ -120,6 +120,10 @@ class LossConfig:
             raise ValueError(f"loss.adversarial_start_step must be >= 0, got {self.adversarial_start_step}.")
         if not 0.0 <= self.edit_probability <= 1.0:
             raise ValueError(f"loss.edit_probability must be in [0, 1], got {self.edit_probability}.")
+        if self.consistency > 0 and self.cycles == 1 and self.warmup_cycles == 0:
+            raise ValueError("loss.consistency compares later cycles with the first one, but with loss.cycles: 1 "
+                             "and loss.warmup_cycles: 0 every batch runs one cycle. Raise either, or set "
+                             "loss.consistency: 0.")
         if self.consistency > 0 and self.edit_probability > 0:
             raise ValueError("loss.consistency compares later cycles with the first decode of the clean image, "
                              "which edits between cycles change; set loss.edit_probability: 0 or "
@@ -191,12 +195,9 @@ class TrainConfig:
     push_to_hub: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ModelConfig(**self.model)
-        if isinstance(self.loss, dict):
-            self.loss = LossConfig(**self.loss)
-        if isinstance(self.discriminator, dict):
-            self.discriminator = DiscriminatorConfig(**self.discriminator)
+        self.model = _section("model", self.model, ModelConfig)
+        self.loss = _section("loss", self.loss, LossConfig)
+        self.discriminator = _section("discriminator", self.discriminator, DiscriminatorConfig)
         if self.train_encoder is None:
             self.train_encoder = self.base is None
         _positive(self, "steps", "crop_size", "batch_size", "log_every", "checkpoint_every",
@@ -266,6 +267,19 @@ class TrainConfig:
         for key, value in (overrides or {}).items():
             data[key] = value
         return cls.from_dict(data)
+
+
+def _section(key: str, value: Any, section_class: type) -> Any:
+    """Build one nested section (``model``, ``loss``, ``discriminator``) from its mapping."""
+    if isinstance(value, section_class):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping of {key}.* keys, got {value!r}.")
+    known = {f.name for f in dataclasses.fields(section_class)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"Unknown {key} keys {unknown}. Valid {key} keys: {sorted(known)}.")
+    return section_class(**value)
 
 
 def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str, ...]:

@@ -122,7 +122,7 @@ def check_hub_writable(repo_id: str, timeout: float = 5.0) -> None:
     """
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise HubPushError(f"push_to_hub: {repo_id} cannot be uploaded because HF_HUB_OFFLINE is set. Unset it, "
-                           "or set push_to_hub: null and upload the model folder later with `huggingface-cli upload`.")
+                           "or set push_to_hub: null and upload the model folder later with `hf upload`.")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     parsed = urlparse(endpoint)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
@@ -132,7 +132,7 @@ def check_hub_writable(repo_id: str, timeout: float = 5.0) -> None:
     except OSError as error:
         raise HubPushError(f"push_to_hub: the Hugging Face Hub ({endpoint}) is unreachable from this machine "
                            f"({error}), so {repo_id} cannot be uploaded. Set push_to_hub: null and upload the "
-                           "model folder later with `huggingface-cli upload`.") from error
+                           "model folder later with `hf upload`.") from error
 
 
 def push_to_hub(folder: Path, repo_id: str) -> str:
@@ -151,6 +151,6 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
                                    commit_message="Upload REED fine-tuned VAE")
     except (HfHubHTTPError, OSError, ValueError) as error:
         raise HubPushError(f"push_to_hub: uploading {folder} to {repo_id} failed ({error}). Check that you are "
-                           "logged in (`huggingface-cli login`) with write access, then upload it with "
-                           f"`huggingface-cli upload {repo_id} {folder}`.") from error
+                           "logged in (`hf auth login`) with write access, then upload it with "
+                           f"`hf upload {repo_id} {folder}`.") from error
     return str(getattr(commit, "commit_url", f"https://huggingface.co/{repo_id}"))

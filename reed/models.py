@@ -54,7 +54,7 @@ def check_hub_reachable(repo_id: str) -> None:
     connection within ``HUB_CONNECT_TIMEOUT`` seconds.
     """
     endpoint = _hub_endpoint()
-    hint = ("Download it on a machine with network access (for example with `huggingface-cli download`) "
+    hint = ("Download it on a machine with network access (for example with `hf download`) "
             "and pass the local folder instead, or use a built-in model: " + ", ".join(BUILTIN_MODELS))
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ModelLoadError(f"Cannot load '{repo_id}': HF_HUB_OFFLINE is set, so the Hugging Face Hub "

@@ -77,10 +77,10 @@ def test_latent_term_reaches_decoder():
     assert with_latent["encoder.conv_in.weight"] is None
 
 
-def test_consistency_term_compares_later_cycles_with_first_decode(monkeypatch):
+def test_consistency_compares_with_first_decode(monkeypatch):
     vae = make_tiny_vae()
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    loss_fn = ReedLoss(LossConfig(consistency=1.0))
+    loss_fn = ReedLoss(LossConfig(consistency=1.0, cycles=2))
     # A single cycle from the clean image is x1 itself: nothing to compare.
     assert loss_fn(vae, images, 1)[1]["consistency"] == 0.0
 
@@ -98,9 +98,21 @@ def test_consistency_term_compares_later_cycles_with_first_decode(monkeypatch):
     torch.testing.assert_close(compared[3], first)
 
 
-def test_consistency_refuses_edits_between_cycles():
-    with pytest.raises(ValueError, match="loss.consistency"):
-        LossConfig(consistency=1.0, edit_probability=0.5)
+def test_consistency_rejects_edits_between_cycles():
+    with pytest.raises(ValueError, match="loss.edit_probability: 0"):
+        LossConfig(consistency=1.0, cycles=2, edit_probability=0.5)
+
+
+def test_consistency_rejects_single_cycle_batches():
+    with pytest.raises(ValueError, match="every batch runs one cycle"):
+        LossConfig(consistency=1.0)
+    assert LossConfig(consistency=1.0, warmup_cycles=3).consistency == 1.0  # warm-up supplies x1
+
+
+@pytest.mark.parametrize("section", ["loss", "model", "discriminator"])
+def test_config_section_typo_lists_valid_keys(tmp_path, image_folder, section):
+    with pytest.raises(ValueError, match=f"Unknown {section} keys \\['consistancy'\\]. Valid {section} keys"):
+        tiny_config(tmp_path, image_folder, **{section: {"consistancy": 1.0}})
 
 
 def test_contraction_term_reaches_decoder():

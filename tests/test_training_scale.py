@@ -112,7 +112,7 @@ def term_gradients(weights: dict, train_encoder: bool = False, perturb_encoder: 
     if not train_encoder:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
-    config = LossConfig(**{"l1": 1e-12, "l2": 0.0, "kl": 0.0, **weights})
+    config = LossConfig(**{"l1": 1e-12, "l2": 0.0, "kl": 0.0, "cycles": 2, **weights})
     lpips = StandInLpips() if config.lpips > 0 else None
     loss_fn = ReedLoss(config, lpips_model=lpips, anchor_encoder=anchor if config.encoder_anchor > 0 else None)
     torch.manual_seed(4)
