@@ -90,6 +90,9 @@ def _run_and_report(sources, steps, model_names: list[str], out: Path, seed: int
         torch.set_num_threads(options.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
     vaes = {name: load_vae(name, dtype=dtype) for name in model_names}
+    # Every model loaded and every input was read, so the run will write results: clear an earlier run's.
+    if report.remove_previous_run(out):
+        print(f"Replacing the results of an earlier run in {out}")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for batch in _batches(sources, options.batch):
@@ -360,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     ladder.add_argument("--size", type=int, help=size_help)
     ladder.add_argument("--seed", type=int, default=0,
                         help="run seed; each step's seed derives from it (round trips draw none)")
-    ladder.add_argument("--out", default="out/ladder", help="output folder")
+    ladder.add_argument("--out", default="out/ladder",
+                        help="output folder; a rerun replaces the results of an earlier ladder or chain run there")
     _add_engine_arguments(ladder)
     ladder.set_defaults(handler=_ladder)
 
@@ -372,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--models", default=default_models, help="comma-separated model references")
     chain.add_argument("--size", type=int, help=size_help)
     chain.add_argument("--seed", type=int, default=0, help="seed for random edits, the same for every model")
-    chain.add_argument("--out", default="out/chain", help="output folder")
+    chain.add_argument("--out", default="out/chain",
+                        help="output folder; a rerun replaces the results of an earlier ladder or chain run there")
     _add_engine_arguments(chain)
     chain.set_defaults(handler=_chain)
 

@@ -425,6 +425,30 @@ def safe_name(text: str) -> str:
     return name
 
 
+def remove_previous_run(out_dir: str | Path) -> int:
+    """Delete the files an earlier ``ladder`` or ``chain`` run wrote into ``out_dir`` and return their count.
+
+    Only the file names this module writes are deleted (metrics, curves, grids and
+    ``images/*/*/step-*.png``), then the folders they leave empty. Other files in the folder stay. Without
+    this, a rerun with fewer steps, images or models would leave the earlier run's images next to the
+    new metrics.
+    """
+    out_dir = Path(out_dir)
+    outputs = [out_dir / "metrics.json", out_dir / "metrics.csv", out_dir / "curves.png",
+               *out_dir.glob("grid-*.png"), *out_dir.glob("images/*/*/step-*.png")]
+    removed = 0
+    for path in outputs:
+        if path.is_file():
+            path.unlink()
+            removed += 1
+    # Deepest folders first, so a parent is empty by the time it is checked.
+    folders = [*out_dir.glob("images/*/*"), *out_dir.glob("images/*"), out_dir / "images"]
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return removed
+
+
 def save_images(
     images_by_model: Mapping[str, Sequence[np.ndarray]],
     out_dir: str | Path,

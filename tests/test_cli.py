@@ -49,6 +49,26 @@ def test_chain_keeps_odd_size(tmp_path, photo, tiny_vae_dir):
     assert Image.open(final).size == (51, 37)
 
 
+def test_chain_rerun_replaces_earlier_outputs(tmp_path, photo, tiny_vae_dir, other_tiny_vae_dir, capsys):
+    image = write_photo(tmp_path / "cat.png", photo)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["chain", image, "--chain", "roundtrip*3", "--models", f"{tiny_vae_dir},{other_tiny_vae_dir}",
+                 "--size", "32", "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    assert main(["chain", image, "--chain", "roundtrip", "--models", tiny_vae_dir, "--size", "32",
+                 "--out", str(out)]) == 0
+
+    assert "Replacing the results of an earlier run" in capsys.readouterr().out
+    step_images = sorted(p.relative_to(out).as_posix() for p in (out / "images").rglob("*.png"))
+    assert len(step_images) == 1
+    assert step_images[0].endswith("step-001-roundtrip.png")
+    assert len(json.loads((out / "metrics.json").read_text())) == 1
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
 def test_bad_chain_reports_error(tmp_path, photo, tiny_vae_dir, capsys):
     image = write_photo(tmp_path / "a.png", photo)
     code = main(["chain", image, "--chain", "roundtrip | sepia", "--models", tiny_vae_dir, "--out", str(tmp_path)])
