@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +319,9 @@ def _split_models(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise ValueError("--models needs at least one model, for example reed-mini:standard,reed-mini:reed.")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--models names {', '.join(repeated)} more than once; name each model once.")
     return names
 
 
@@ -408,6 +412,11 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        # The reader of stdout went away (`python -m reed ops | head`): stop quietly, as Unix tools do.
+        # Pointing stdout at devnull keeps Python's final flush from raising again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -162,3 +162,31 @@ def test_engine_options_are_checked(tmp_path, photo, tiny_vae_dir, capsys):
     assert "--threads must be at least 1" in capsys.readouterr().err
     assert main(base + ["--tile", "13"]) == 2  # the tiny VAE's downsampling factor is 2
     assert "tile size must be a positive multiple" in capsys.readouterr().err
+
+
+def test_repeated_model_is_rejected(tmp_path, photo, tiny_vae_dir, capsys):
+    image = write_photo(tmp_path / "cat.png", photo)
+    code = main(["ladder", image, "--models", f"{tiny_vae_dir},{tiny_vae_dir}", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "more than once" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_closed_pipe_ends_quietly():
+    import subprocess
+    import sys
+
+    # `ops` with a listing far longer than a pipe's buffer, so writing must hit the closed pipe.
+    flood = ("import reed.cli as cli\n"
+             "def long_listing(args):\n"
+             "    for index in range(200000):\n"
+             "        print('operation', index)\n"
+             "    return 0\n"
+             "cli._ops = long_listing\n"
+             "raise SystemExit(cli.main(['ops']))\n")
+    listing = subprocess.Popen([sys.executable, "-c", flood], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    listing.stdout.readline()
+    listing.stdout.close()  # like `| head -1`: the reader goes away before the listing ends
+    _, errors = listing.communicate(timeout=120)
+    assert b"Traceback" not in errors
+    assert listing.returncode == 1
