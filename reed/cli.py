@@ -91,7 +91,7 @@ def _run_and_report(sources, steps, model_names: list[str], out: Path, seed: int
         torch.set_num_threads(options.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[options.dtype]
     vaes = {name: load_vae(name, dtype=dtype) for name in model_names}
-    # Every model loaded and every input was read, so the run will write results: clear an earlier run's.
+    # Every model loaded and every input was read, so this run will write results. Clear an earlier run's.
     if report.remove_previous_run(out):
         print(f"Replacing the results of an earlier run in {out}")
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ def _split_models(text: str) -> list[str]:
         raise ValueError("--models needs at least one model, for example reed-mini:standard,reed-mini:reed.")
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"--models names {', '.join(repeated)} more than once; name each model once.")
+        raise ValueError(f"--models lists {', '.join(repeated)} more than once. Name each model once.")
     return names
 
 

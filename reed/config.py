@@ -65,7 +65,8 @@ class LossConfig:
 
     ``latent`` weighs the distance of each cycle's re-encoding from the original image's latent.
     ``consistency`` weighs the distance of each later cycle's output from x1, the first decode of the
-    clean image; it cannot be combined with edits between cycles, which change what x1 should be.
+    clean image. It acts only on batches of two or more cycles, warm-up cycles included. It cannot be
+    combined with edits between cycles, because they change what x1 should be.
     ``contraction`` weighs how much one decode/encode cycle amplifies a small change of the latent along
     its most amplified direction, found by ``contraction_iterations`` steps of power iteration; a gain
     above 1 makes a chain diverge, so gains above ``contraction_target`` are penalised. The change has
@@ -249,13 +250,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown config keys {unknown}. Valid keys: {sorted(known)}.")
+        _reject_unknown_keys("config", data, cls)
         try:
             return cls(**data)
-        except TypeError as error:  # unknown nested keys or missing required ones
+        except TypeError as error:  # a required key is missing
             raise ValueError(f"Invalid config: {error}") from error
 
     @classmethod
@@ -275,11 +273,16 @@ def _section(key: str, value: Any, section_class: type) -> Any:
         return value
     if not isinstance(value, dict):
         raise ValueError(f"{key} must be a mapping of {key}.* keys, got {value!r}.")
-    known = {f.name for f in dataclasses.fields(section_class)}
-    unknown = sorted(set(value) - known)
+    _reject_unknown_keys(key, value, section_class)
+    return section_class(**value)
+
+
+def _reject_unknown_keys(key: str, data: dict[str, Any], config_class: type) -> None:
+    """Raise ``ValueError`` listing the valid keys when ``data`` has a key that ``config_class`` lacks."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"Unknown {key} keys {unknown}. Valid {key} keys: {sorted(known)}.")
-    return section_class(**value)
 
 
 def _names(key: str, value: Any, valid: tuple[str, ...]) -> tuple[str, ...]:

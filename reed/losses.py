@@ -193,7 +193,7 @@ class ReedLoss(torch.nn.Module):
                 lpips_terms.append(self.lpips_model(decoded.clamp(-1, 1), target).mean())
             if config.consistency > 0:
                 if first_output is None:
-                    first_output = quantize_8bit(decoded).detach()  # this cycle is x1 itself: no term
+                    first_output = quantize_8bit(decoded).detach()  # this cycle is x1 itself, so it adds no term
                 else:
                     consistency_terms.append(F.l1_loss(decoded, first_output) + F.mse_loss(decoded, first_output))
             if discriminator is not None:

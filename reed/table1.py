@@ -264,8 +264,8 @@ def _check_config(config: Table1Config, out: Path) -> None:
     """Write ``config.json``, or check that a run with finished samples has the same settings."""
     path = out / "config.json"
     current = config.to_json()
-    # A run that stopped before finishing any sample (say, its pipeline could not be loaded) has nothing
-    # to resume, so its settings may be replaced.
+    # A run that stopped before finishing any sample (for example, its pipeline could not be loaded) has
+    # nothing to resume, so its settings may be replaced.
     finished = any((out / "samples").glob("*/sample.json"))
     if path.is_file() and finished:
         previous = json.loads(path.read_text(encoding="utf-8"))

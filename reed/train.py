@@ -404,7 +404,7 @@ def _mean_over_processes(accelerator, logs: dict[str, float]) -> dict[str, float
     """Average the logged values over processes (a collective call: every process must make it)."""
     if accelerator.num_processes == 1:
         return logs
-    names = list(logs)  # every process builds its logs in the same order; keep it for the progress line
+    names = list(logs)  # every process builds its logs in the same order, which the progress line keeps
     values = torch.tensor([logs[name] for name in names], dtype=torch.float64, device=accelerator.device)
     values = accelerator.reduce(values, reduction="mean")
     return dict(zip(names, values.tolist()))
@@ -538,8 +538,9 @@ def train(config: TrainConfig, resume: bool = True, max_steps: int | None = None
             window_start, window_images = time.perf_counter(), 0
         if accelerator.is_main_process and (done % config.eval_every == 0 or done == config.steps):
             last_eval = _evaluate(config, model, state.ema, eval_images, done, output, accelerator)
-            _write_line(progress, f"step {done}: " + ", ".join(
-                f"{k} {v:.2f} dB" if k.startswith("psnr") else f"{k} {v:.4f}" for k, v in last_eval.items() if k != "step"))
+            figures = [f"{k} {v:.2f} dB" if k.startswith("psnr") else f"{k} {v:.4f}"
+                       for k, v in last_eval.items() if k != "step"]
+            _write_line(progress, f"step {done}: " + ", ".join(figures))
         if done % config.checkpoint_every == 0 or done == stop:
             accelerator.wait_for_everyone()
             process_states = gather_object([process_state(state)])

@@ -190,3 +190,15 @@ def test_closed_pipe_ends_quietly():
     _, errors = listing.communicate(timeout=120)
     assert b"Traceback" not in errors
     assert listing.returncode == 1
+
+
+def test_size_help_names_working_cap(capsys):
+    from reed.images import MAX_WORKING_SIDE
+
+    try:
+        main(["ladder", "--help"])
+    except SystemExit:
+        pass
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert f"capped at {MAX_WORKING_SIDE} pixels" in help_text
+    assert "(default: 25)" in help_text  # --cycles shows its default

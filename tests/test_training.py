@@ -84,7 +84,7 @@ def test_consistency_compares_with_first_decode(monkeypatch):
     # A single cycle from the clean image is x1 itself: nothing to compare.
     assert loss_fn(vae, images, 1)[1]["consistency"] == 0.0
 
-    # With warm-up, x1 is the first warm-up decode; record what the term compares.
+    # With warm-up, x1 is the first warm-up decode. Record what each term compares with.
     compared = []
     real_l1 = losses.F.l1_loss
     monkeypatch.setattr(losses.F, "l1_loss", lambda a, b: compared.append(b) or real_l1(a, b))

@@ -422,6 +422,28 @@ def test_model_card_names_base_data_weights_and_figures(resumed_runs, image_fold
     assert f"{last_eval['eval/psnr_src_step1']:.4f} dB" in card
 
 
+def test_redirected_log_lines_stay_ordered(tmp_path):
+    # stdout and stderr go to one file, as with `python -m reed train ... > log 2>&1`.
+    script = ("from tqdm.auto import tqdm\n"
+              "from reed.train import _write_line\n"
+              "bar = tqdm(range(5), mininterval=0)\n"
+              "for step in bar:\n"
+              "    _write_line(bar, f'line {step}')\n")
+    log = tmp_path / "log.txt"
+    # Without PYTHONUNBUFFERED, stdout into a file is block-buffered, as on most machines.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    with open(log, "wb") as handle:
+        subprocess.run([sys.executable, "-c", script], stdout=handle, stderr=handle, env=env, check=True,
+                       timeout=60)
+    text = log.read_text(encoding="utf-8")
+
+    # Each line is printed before the bar reaches the end, not flushed all together when the process exits.
+    assert text.index("line 0") < text.index("5/5")
+    for row in text.split("\n"):
+        if "line" in row:
+            assert row.split("\r")[-1].startswith("line")  # the bar was cleared before the line
+
+
 def test_progress_line_is_compact():
     record = {"step": 20, "lr": 1e-4, "images_per_second": 12.5, "train/loss": 0.5, "train/cycles": 3.0,
               "disc/loss": 1.0, "memory/rss_gib": 1.5}

@@ -64,7 +64,7 @@ def pipeline_vae(scaling_factor: float):
 
 def _save_text_pipeline(pipeline_class, folder: Path, scaling_factor: float, unet_in_channels: int,
                         seed: int) -> str:
-    """Save a tiny text-conditioned Stable Diffusion pipeline; the UNet's input channels set its kind."""
+    """Save a tiny text-conditioned Stable Diffusion pipeline. The UNet's input channels set its kind."""
     torch.manual_seed(seed)
     tokenizer = make_tokenizer(folder / "vocab")
     pipeline = pipeline_class(
